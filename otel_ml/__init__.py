@@ -1,0 +1,26 @@
+"""otel_ml: PyTorch training and inference telemetry through OpenTelemetry and Prometheus.
+
+Example::
+
+    import otel_ml
+    otel_ml.init(service_name="my-run")
+    for step, batch in enumerate(loader):
+        ...
+        otel_ml.log(step, loss=loss, lr=lr, grad_norm=gn, samples=bs, tokens=ntok, kl=kl)
+    otel_ml.shutdown()
+"""
+
+from otel_ml._version import __version__
+from otel_ml.config import Config
+from otel_ml.runtime import Telemetry, flush, get_telemetry, init, log, shutdown
+
+__all__ = [
+    "Config",
+    "Telemetry",
+    "__version__",
+    "flush",
+    "get_telemetry",
+    "init",
+    "log",
+    "shutdown",
+]

@@ -1,0 +1,131 @@
+"""The ``otel-ml`` command.
+
+Subcommands:
+
+* ``demo``: a real multi-rank training run with telemetry on (see :mod:`otel_ml.demo`);
+* ``targets RUN_DIR``: Prometheus ``file_sd`` JSON for the ranks of a run, from their port files;
+* ``inspect RUN_DIR``: what an offline run recorded (per rank: last step, loss, files).
+
+Example::
+
+    otel-ml demo --ranks 2 --steps 300
+    otel-ml targets otel-ml-runs/demo-20261122-101500 > /etc/prometheus/targets/run.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from otel_ml._version import __version__
+from otel_ml.exporters.files import METRICS_FILE, read_jsonl
+from otel_ml.runtime import ENDPOINT_FILE
+
+
+def endpoint_files(run_dir: Path) -> list[dict[str, Any]]:
+    """The endpoint records of every rank under ``run_dir``, sorted by rank."""
+    records = []
+    for path in sorted(Path(run_dir).glob(f"rank-*/{ENDPOINT_FILE}")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"otel-ml: skipping {path}: {exc}", file=sys.stderr)
+    return sorted(records, key=lambda r: r.get("rank", 0))
+
+
+def file_sd_targets(records: list[dict[str, Any]], host: str | None = None) -> list[dict[str, Any]]:
+    """Prometheus file_sd groups: one target per rank, labelled with ``run_id`` and ``rank``.
+
+    ``host`` overrides the address (default: the rank's bind address, or its hostname when it
+    listens on all interfaces).
+    """
+    groups = []
+    for record in records:
+        if not record.get("port"):
+            continue
+        address = host or record.get("bind") or record.get("host", "localhost")
+        if address in ("0.0.0.0", "::", ""):
+            address = record.get("host", "localhost")
+        address = f"[{address}]" if ":" in address else address
+        groups.append(
+            {
+                "targets": [f"{address}:{record['port']}"],
+                "labels": {"run_id": str(record.get("run_id", "")), "rank": str(record.get("rank", ""))},
+            }
+        )
+    return groups
+
+
+def _last_metric_points(path: Path) -> dict[str, float]:
+    """Last value of each gauge/sum in the newest metrics line of one rank's file."""
+    last: dict[str, Any] = {}
+    for document in read_jsonl(path):
+        last = document
+    values: dict[str, float] = {}
+    for resource_metrics in last.get("resourceMetrics", []):
+        for scope in resource_metrics.get("scopeMetrics", []):
+            for metric in scope.get("metrics", []):
+                data = metric.get("gauge") or metric.get("sum")
+                if not data:
+                    continue
+                for point in data.get("dataPoints", []):
+                    value = point.get("asDouble", point.get("asInt"))
+                    if value is not None:
+                        values[metric["name"]] = float(value)
+    return values
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    groups = file_sd_targets(endpoint_files(args.run_dir), args.host)
+    json.dump(groups, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0 if groups else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    rank_dirs = sorted(Path(args.run_dir).glob("rank-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not rank_dirs:
+        print(f"otel-ml: no rank-* directories under {args.run_dir}", file=sys.stderr)
+        return 1
+    for directory in rank_dirs:
+        metrics = directory / METRICS_FILE
+        values = _last_metric_points(metrics) if metrics.exists() else {}
+        files = ", ".join(f"{p.name} ({p.stat().st_size} B)" for p in sorted(directory.glob("*.jsonl*")))
+        step = values.get("otel_ml_step")
+        loss = values.get("otel_ml_loss")
+        print(
+            f"{directory.name}: step {step if step is None else int(step)}, loss {loss}, "
+            f"samples {values.get('otel_ml_samples')}; {files or 'no files'}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="otel-ml", description="otel_ml command line")
+    parser.add_argument("--version", action="version", version=f"otel-ml {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from otel_ml import demo
+
+    demo_parser = sub.add_parser("demo", help="run the multi-rank training demo")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=lambda a: demo.worker(a) if a.worker else demo.launch(a))
+
+    targets = sub.add_parser("targets", help="Prometheus file_sd JSON from a run dir's port files")
+    targets.add_argument("run_dir", type=Path)
+    targets.add_argument("--host", help="address to scrape instead of the recorded one")
+    targets.set_defaults(func=cmd_targets)
+
+    inspect = sub.add_parser("inspect", help="summarise an offline run dir")
+    inspect.add_argument("run_dir", type=Path)
+    inspect.set_defaults(func=cmd_inspect)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

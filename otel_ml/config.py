@@ -1,0 +1,359 @@
+"""Configuration: keyword arguments first, then environment variables, then defaults.
+
+Every field of :class:`Config` names the variables it reads in its metadata; the README's
+configuration table is generated from it (:func:`markdown_table`) and checked by a test. A bad
+environment value logs one warning naming the variable (never the value of a secret) and the
+default is used; a bad keyword argument is a programming error and raises ``ValueError``.
+
+Example::
+
+    cfg = Config.resolve(service_name="llama-ft", prometheus_port=9500)
+    cfg.prometheus_port  # 9500, whatever OTEL_EXPORTER_PROMETHEUS_PORT says
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from otel_ml import _envparse as p
+from otel_ml._logging import warn_once
+
+PROTOCOLS = ("grpc", "http/protobuf")
+
+
+def _opt(env: tuple[str, ...], parse: Callable[[str], Any], doc: str, default_doc: str = "") -> dict:
+    return {"env": env, "parse": parse, "doc": doc, "default_doc": default_doc}
+
+
+@dataclass
+class Config:
+    """Resolved otel_ml settings. Build it with :meth:`Config.resolve`; ``init()`` does.
+
+    Example::
+
+        cfg = Config.resolve(env={"OTEL_EXPORTER_PROMETHEUS_PORT": "9600"})
+        assert cfg.prometheus_port == 9600
+    """
+
+    enabled: bool = field(
+        default=True,
+        metadata=_opt(
+            ("OTEL_SDK_DISABLED",),
+            lambda raw: not p.parse_bool(raw),
+            "Turn all of otel_ml off (`OTEL_SDK_DISABLED=true`): calls become no-ops.",
+        ),
+    )
+    service_name: str = field(
+        default="otel-ml",
+        metadata=_opt(("OTEL_SERVICE_NAME",), p.parse_str, "`service.name` resource attribute."),
+    )
+    run_id: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_ML_RUN_ID",),
+            p.parse_str,
+            "Run id shared by all ranks (label `run_id`). Unset: `TORCHELASTIC_RUN_ID`, "
+            "`slurm-<SLURM_JOB_ID>[.<SLURM_STEP_ID>]`, `job-<digest of MASTER_ADDR:MASTER_PORT:"
+            "WORLD_SIZE>`, else a new time-based id.",
+            "derived",
+        ),
+    )
+    rank: int | None = field(
+        default=None,
+        metadata=_opt((), int, "Global rank. Unset: torch.distributed, `RANK`, `SLURM_PROCID`.", "detected"),
+    )
+    local_rank: int | None = field(
+        default=None,
+        metadata=_opt((), int, "Rank on this node: `LOCAL_RANK`, `SLURM_LOCALID`.", "detected"),
+    )
+    world_size: int | None = field(
+        default=None,
+        metadata=_opt((), int, "World size: torch.distributed, `WORLD_SIZE`, `SLURM_NTASKS`.", "detected"),
+    )
+    run_dir: str = field(
+        default="otel-ml-runs/{run_id}",
+        metadata=_opt(
+            ("OTEL_ML_RUN_DIR",),
+            p.parse_str,
+            "Directory of this run's files (port files, OTLP-JSON lines); `{run_id}` is expanded.",
+        ),
+    )
+    prometheus: bool = field(
+        default=True,
+        metadata=_opt(("OTEL_ML_PROMETHEUS",), p.parse_bool, "Serve `/metrics` on every rank."),
+    )
+    prometheus_host: str = field(
+        default="localhost",
+        metadata=_opt(
+            ("OTEL_EXPORTER_PROMETHEUS_HOST",),
+            p.parse_str,
+            "Bind address of `/metrics` (use `0.0.0.0` to let other hosts scrape).",
+        ),
+    )
+    prometheus_port: int = field(
+        default=9464,
+        metadata=_opt(
+            ("OTEL_EXPORTER_PROMETHEUS_PORT",),
+            p.int_parser(0, 65535),
+            "Base port: a rank serves base + local rank; a taken port moves to the next free one. "
+            "0 picks any free port.",
+        ),
+    )
+    prometheus_port_attempts: int = field(
+        default=64,
+        metadata=_opt(
+            ("OTEL_ML_PROMETHEUS_PORT_ATTEMPTS",),
+            p.int_parser(1, 1000),
+            "How many successive ports to try before giving up on `/metrics` (with a warning).",
+        ),
+    )
+    otlp_endpoint: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_ENDPOINT",),
+            p.parse_str,
+            "Collector base URL; setting it turns OTLP export on (`/v1/traces`, `/v1/metrics` "
+            "are appended for http/protobuf).",
+            "unset",
+        ),
+    )
+    otlp_traces_endpoint: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",),
+            p.parse_str,
+            "Full URL for spans, used as is.",
+            "unset",
+        ),
+    )
+    otlp_metrics_endpoint: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",),
+            p.parse_str,
+            "Full URL for metrics, used as is.",
+            "unset",
+        ),
+    )
+    otlp_protocol: str = field(
+        default="http/protobuf",
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_PROTOCOL",), p.choice_parser(*PROTOCOLS), "`grpc` or `http/protobuf`."
+        ),
+    )
+    otlp_headers: dict[str, str] = field(
+        default_factory=dict,
+        repr=False,
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_HEADERS",),
+            p.parse_headers,
+            "`key=value,...` sent with every export; never logged or written to files.",
+            "none",
+        ),
+    )
+    otlp_timeout: float = field(
+        default=10.0,
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_TIMEOUT",),
+            p.seconds_parser(1000, 0.001),
+            "Per-export timeout, milliseconds in the variable, seconds as a kwarg.",
+            "10000 ms",
+        ),
+    )
+    otlp_insecure: bool | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_INSECURE",),
+            p.parse_bool,
+            "gRPC without TLS; unset: decided by the endpoint scheme (`http` = insecure).",
+            "from scheme",
+        ),
+    )
+    otlp_certificate: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE",), p.parse_str, "CA bundle for TLS to the collector.", "unset"
+        ),
+    )
+    files: str = field(
+        default="auto",
+        metadata=_opt(
+            ("OTEL_ML_FILES",),
+            p.choice_parser("auto", "on", "off"),
+            "OTLP-JSON lines in the run dir: `auto` = only when no OTLP endpoint is set.",
+        ),
+    )
+    file_max_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_opt(
+            ("OTEL_ML_FILE_MAX_BYTES",),
+            p.int_parser(4096),
+            "Size at which a run-dir file is rotated.",
+            "67108864 (64 MiB)",
+        ),
+    )
+    file_backups: int = field(
+        default=2,
+        metadata=_opt(
+            ("OTEL_ML_FILE_BACKUPS",),
+            p.int_parser(0, 100),
+            "Rotated files kept per signal and rank; disk use is bounded by max bytes x (backups + 1).",
+        ),
+    )
+    metric_export_interval: float = field(
+        default=15.0,
+        metadata=_opt(
+            ("OTEL_METRIC_EXPORT_INTERVAL",),
+            p.seconds_parser(1000, 0.05),
+            "Push interval for OTLP and file metrics, milliseconds in the variable, seconds as a kwarg.",
+            "15000 ms",
+        ),
+    )
+    span_queue_size: int = field(
+        default=2048,
+        metadata=_opt(
+            ("OTEL_BSP_MAX_QUEUE_SIZE",),
+            p.int_parser(1),
+            "Finished spans buffered per exporter; more are dropped and counted.",
+        ),
+    )
+    span_export_delay: float = field(
+        default=5.0,
+        metadata=_opt(
+            ("OTEL_BSP_SCHEDULE_DELAY",),
+            p.seconds_parser(1000, 0.05),
+            "Delay between span exports, milliseconds in the variable.",
+            "5000 ms",
+        ),
+    )
+    trace_every: int = field(
+        default=100,
+        metadata=_opt(
+            ("OTEL_ML_TRACE_EVERY",),
+            p.int_parser(0),
+            "Emit a step span for every Nth step (0: none). Spans are built off the training thread.",
+        ),
+    )
+    throughput_window: int = field(
+        default=20,
+        metadata=_opt(
+            ("OTEL_ML_THROUGHPUT_WINDOW",),
+            p.int_parser(2),
+            "Steps in the rolling window of samples/s and tokens/s.",
+        ),
+    )
+    max_metric_keys: int = field(
+        default=256,
+        metadata=_opt(
+            ("OTEL_ML_MAX_METRIC_KEYS",),
+            p.int_parser(1),
+            "Distinct keys log() turns into metrics; more are dropped with one warning.",
+        ),
+    )
+    shutdown_timeout: float = field(
+        default=5.0,
+        metadata=_opt(
+            ("OTEL_ML_SHUTDOWN_TIMEOUT",),
+            p.seconds_parser(1, 0.1),
+            "Upper bound, in seconds, on shutdown() and the at-exit flush, whatever the collector does.",
+        ),
+    )
+    resource_attributes: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_opt(
+            ("OTEL_RESOURCE_ATTRIBUTES",),
+            p.parse_attributes,
+            "Extra resource attributes, `key=value,...`.",
+            "none",
+        ),
+    )
+    set_global_providers: bool = field(
+        default=True,
+        metadata=_opt(
+            (),
+            bool,
+            "Install the providers as the OTel globals (kwarg only) when none is set yet, "
+            "so other OTel instrumentation shares the pipeline.",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.otlp_protocol not in PROTOCOLS:
+            raise ValueError(f"otlp_protocol must be one of {PROTOCOLS}, not {self.otlp_protocol!r}")
+        if self.files not in ("auto", "on", "off"):
+            raise ValueError(f"files must be 'auto', 'on' or 'off', not {self.files!r}")
+        if not 0 <= self.prometheus_port <= 65535:
+            raise ValueError(f"prometheus_port must be in 0..65535, not {self.prometheus_port}")
+        for name in ("metric_export_interval", "shutdown_timeout", "otlp_timeout", "span_export_delay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        for name in ("throughput_window", "max_metric_keys", "span_queue_size", "file_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.trace_every < 0:
+            raise ValueError("trace_every must be >= 0")
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
+        """Build a Config: ``kwargs`` win, then ``env`` (default ``os.environ``), then defaults.
+
+        ``None`` as a keyword value means "not given". Unknown keywords raise ``TypeError``.
+        """
+        env = os.environ if env is None else env
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise TypeError(f"unknown otel_ml option(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if kwargs.get(name) is not None:
+                values[name] = kwargs[name]
+                continue
+            for var in f.metadata["env"]:
+                raw = env.get(var)
+                if raw is None or raw.strip() == "":
+                    continue
+                try:
+                    values[name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    warn_once(
+                        f"env:{var}",
+                        "otel_ml: ignoring %s (%s); using the default %s",
+                        var,
+                        exc,
+                        f.metadata["default_doc"] or _default_text(f),
+                    )
+                    continue
+                break
+        return cls(**values)
+
+    @property
+    def otlp_enabled(self) -> bool:
+        """True when any OTLP endpoint is configured."""
+        return bool(self.otlp_endpoint or self.otlp_traces_endpoint or self.otlp_metrics_endpoint)
+
+    @property
+    def files_enabled(self) -> bool:
+        """Whether OTLP-JSON files are written (``auto`` means: when no OTLP endpoint is set)."""
+        return self.files == "on" or (self.files == "auto" and not self.otlp_enabled)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return repr(f.default)
+
+
+def markdown_table() -> str:
+    """The README configuration table, generated from the :class:`Config` fields."""
+    rows = ["| option (kwarg) | environment | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        env = ", ".join(f"`{v}`" for v in f.metadata["env"]) or "-"
+        default = f.metadata["default_doc"] or f"`{_default_text(f)}`"
+        rows.append(f"| `{f.name}` | {env} | {default} | {f.metadata['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,207 @@
+"""``otel-ml demo``: a real multi-rank torch.distributed (gloo, CPU) training run, fully instrumented.
+
+The launcher starts ``--ranks`` worker processes with the variables torchrun would set (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) plus a shared ``OTEL_ML_RUN_ID``.
+Each worker trains a small transformer language model on generated sequences with DDP and calls
+``otel_ml.log()`` every step. Rank 0 shows a progress bar; at the end the launcher prints where
+everything went. The worker also runs under torchrun directly::
+
+    torchrun --nproc-per-node 2 -m otel_ml.demo --worker
+
+Fault injection for tests and alert demos: ``--nan RANK:STEP`` makes that rank log a NaN loss
+from STEP on; ``--slow RANK:MS`` makes that rank's forward pass MS milliseconds slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from otel_ml.exporters.files import rank_dir
+from otel_ml.runtime import ENDPOINT_FILE
+
+VOCAB, SEQ, BATCH, DIM = 64, 32, 16, 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parse_pair(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    rank, _, value = text.partition(":")
+    return int(rank), int(value)
+
+
+def _batch(generator: Any, torch: Any) -> tuple[Any, Any]:
+    """Sequences that follow ``x[t+1] = (x[t] * a + b) % VOCAB``: learnable, so the loss falls."""
+    start = torch.randint(0, VOCAB, (BATCH, 1), generator=generator)
+    a = torch.randint(1, 4, (BATCH, 1), generator=generator)
+    steps = torch.arange(SEQ + 1).unsqueeze(0)
+    seq = (start + a * steps) % VOCAB
+    return seq[:, :-1], seq[:, 1:]
+
+
+def worker(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from tqdm import tqdm
+
+    import otel_ml
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    telemetry = otel_ml.init(service_name="otel-ml-demo")
+    torch.manual_seed(0)
+
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, DIM)
+            self.pos = nn.Parameter(torch.zeros(SEQ, DIM))
+            layer = nn.TransformerEncoderLayer(DIM, 4, 2 * DIM, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(DIM, VOCAB)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(SEQ))
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            hidden = self.encoder(self.embed(tokens) + self.pos, mask=self.mask, is_causal=True)
+            return self.head(hidden)
+
+    model = nn.parallel.DistributedDataParallel(TinyLM())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    warmup = max(1, args.steps // 10)
+
+    def lr_factor(s: int) -> float:  # linear warmup, cosine decay
+        return min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(1234 + rank)
+    nan_at, slow = _parse_pair(args.nan), _parse_pair(args.slow)
+    bar = tqdm(range(args.steps), desc=f"train (rank {rank}/{world})", unit="step", disable=rank != 0)
+    for step in bar:
+        inputs, targets = _batch(generator, torch)
+        if slow and slow[0] == rank:
+            time.sleep(slow[1] / 1000)
+        logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            log_probs = torch.log_softmax(logits, dim=-1)
+            kl = (log_probs.exp() * (log_probs + math.log(VOCAB))).sum(-1).mean()  # KL(p || uniform)
+        logged_loss = loss.detach()
+        if nan_at and nan_at[0] == rank and step >= nan_at[1]:
+            logged_loss = torch.tensor(float("nan"))
+        otel_ml.log(
+            step,
+            loss=logged_loss,
+            lr=schedule.get_last_lr()[0],
+            grad_norm=grad_norm,
+            samples=BATCH,
+            tokens=BATCH * SEQ,
+            kl=kl,
+        )
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    if args.linger > 0:
+        time.sleep(args.linger)
+    dist.barrier()
+    otel_ml.shutdown()
+    dist.destroy_process_group()
+    del telemetry
+    return 0
+
+
+def _summary(run_dir: Path, world: int) -> str:
+    lines = ["", f"otel_ml demo finished: {world} rank(s), run dir {run_dir.resolve()}"]
+    for rank in range(world):
+        directory = rank_dir(run_dir, rank)
+        try:
+            info = json.loads((directory / ENDPOINT_FILE).read_text())
+            url = info.get("url") or "(no /metrics)"
+        except (OSError, ValueError):
+            url = "(no endpoint file)"
+        files = ", ".join(sorted(p.name for p in directory.glob("*.jsonl"))) or "none"
+        lines.append(f"  rank {rank}: /metrics was {url}; files: {files}")
+    lines += [
+        "Point Prometheus at live ranks with file_sd targets written from the port files:",
+        f"  otel-ml targets {run_dir} > targets.json   # file_sd_configs: [{{files: [targets.json]}}]",
+        f"Inspect what was recorded offline:  otel-ml inspect {run_dir}",
+        "While a run is going, `curl localhost:9464/metrics` (rank 0) and :9465 (rank 1) show each rank.",
+    ]
+    return "\n".join(lines)
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Start ``args.ranks`` workers on this machine, wait, print the summary."""
+    run_id = os.environ.get("OTEL_ML_RUN_ID") or time.strftime("demo-%Y%m%d-%H%M%S")
+    run_dir = Path(os.environ.get("OTEL_ML_RUN_DIR", "otel-ml-runs/{run_id}").replace("{run_id}", run_id))
+    env_common = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(args.ranks),
+        "OTEL_ML_RUN_ID": run_id,
+        "OTEL_ML_RUN_DIR": str(run_dir),
+        "OTEL_METRIC_EXPORT_INTERVAL": os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "5000"),
+        "OTEL_ML_TRACE_EVERY": os.environ.get("OTEL_ML_TRACE_EVERY", "25"),
+    }
+    command = [sys.executable, "-m", "otel_ml.demo", "--worker", "--steps", str(args.steps)]
+    for flag in ("nan", "slow"):
+        if getattr(args, flag):
+            command += [f"--{flag}", getattr(args, flag)]
+    if args.linger:
+        command += ["--linger", str(args.linger)]
+    print(f"otel_ml demo: run {run_id}, {args.ranks} rank(s), {args.steps} steps", flush=True)
+    procs = []
+    for rank in range(args.ranks):
+        env = {**env_common, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        stdout = None if rank == 0 else subprocess.DEVNULL
+        procs.append(subprocess.Popen(command, env=env, stdout=stdout))
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        codes = [p.wait() for p in procs]
+    print(_summary(run_dir, args.ranks), flush=True)
+    return max(codes, key=abs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ranks", type=int, default=2, help="processes to start (default 2)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--linger", type=float, default=0.0, help="seconds to keep serving after training")
+    parser.add_argument("--nan", metavar="RANK:STEP", help="log NaN loss on RANK from STEP on")
+    parser.add_argument("--slow", metavar="RANK:MS", help="slow RANK's forward pass by MS milliseconds")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="otel-ml demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return worker(args) if args.worker else launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

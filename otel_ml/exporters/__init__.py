@@ -1,0 +1,1 @@
+"""Destinations: Prometheus ``/metrics`` (pull), OTLP (push) and OTLP-JSON files (push)."""

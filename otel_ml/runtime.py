@@ -1,0 +1,338 @@
+"""``init()``, ``log()``, ``shutdown()``: the process-wide handle and its lifecycle.
+
+``init()`` builds one :class:`Telemetry` per process: resource, providers, ``/metrics`` server,
+OTLP and file destinations, training metrics. Module-level functions called before ``init()``
+(or after ``shutdown()``, or in a forked DataLoader worker) do nothing. ``shutdown()`` also
+runs at exit and is bounded by ``shutdown_timeout``.
+
+Example::
+
+    import otel_ml
+    otel_ml.init(service_name="my-run")
+    for step, batch in enumerate(loader):
+        ...
+        otel_ml.log(step, loss=loss, lr=lr, samples=len(batch))
+    otel_ml.shutdown()
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
+
+from otel_ml import ranks, semconv
+from otel_ml._logging import logger, warn_once
+from otel_ml.config import Config
+from otel_ml.exporters._worker import Sink
+from otel_ml.exporters.files import FileSink, rank_dir
+from otel_ml.exporters.otlp import build_otlp_sink
+from otel_ml.exporters.prometheus import MetricsServer, make_reader
+from otel_ml.health import TelemetryHealth
+from otel_ml.pipeline import Pipeline
+from otel_ml.system import register_system_metrics
+from otel_ml.tracing import StepSpanEmitter
+from otel_ml.training import TrainingMetrics
+
+ENDPOINT_FILE = "endpoint.json"
+
+
+class Telemetry:
+    """The handle ``init()`` returns: one telemetry pipeline for this process.
+
+    Example::
+
+        t = otel_ml.init(prometheus_port=0)
+        t.log(0, loss=1.5)
+        print(t.metrics_url, t.run_dir)
+        t.shutdown()
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        metric_readers: Sequence[MetricReader] = (),
+        sinks: Sequence[Sink] = (),
+    ) -> None:
+        self.config = cfg = config or Config.resolve(env=env)
+        detected = ranks.detect(env)
+        self.rank = cfg.rank if cfg.rank is not None else detected.rank
+        self.local_rank = cfg.local_rank if cfg.local_rank is not None else detected.local_rank
+        self.world_size = cfg.world_size if cfg.world_size is not None else detected.world_size
+        self.run_id = cfg.run_id if cfg.run_id is not None else detected.run_id
+        self.run_dir = Path(cfg.run_dir.replace("{run_id}", self.run_id))
+        self.instance_id = uuid.uuid4().hex
+        self.attributes = {semconv.LABEL_RANK: str(self.rank), semconv.LABEL_RUN_ID: self.run_id}
+        self.health = TelemetryHealth()
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self.closed = False
+        self.enabled = cfg.enabled
+        self.training: TrainingMetrics | None = None
+        self.server: MetricsServer | None = None
+        self.pipeline: Pipeline | None = None
+        self.file_sink: FileSink | None = None
+        if not cfg.enabled:
+            return
+
+        readers: list[MetricReader] = list(metric_readers)
+        registry = None
+        if cfg.prometheus:
+            prom_reader, registry = make_reader()
+            readers.append(prom_reader)
+        all_sinks: list[Sink] = list(sinks)
+        otlp = build_otlp_sink(cfg) if cfg.otlp_enabled else None
+        if otlp is not None:
+            all_sinks.append(otlp)
+        if cfg.files_enabled:
+            self.file_sink = FileSink(self.run_dir, self.rank, cfg.file_max_bytes, cfg.file_backups)
+            all_sinks.append(self.file_sink)
+        self.pipeline = pipeline = Pipeline(
+            self._resource(),
+            sinks=all_sinks,
+            extra_readers=readers,
+            interval=cfg.metric_export_interval,
+            span_queue_size=cfg.span_queue_size,
+            span_delay=cfg.span_export_delay,
+            health=self.health,
+        )
+        self.meter_provider = pipeline.meter_provider
+        self.tracer_provider = pipeline.tracer_provider
+        self.meter = pipeline.meter
+        self.tracer = pipeline.tracer
+        # The training metrics register the first callback, which refreshes deferred values.
+        self.training = TrainingMetrics(
+            self.meter,
+            self.attributes,
+            window=cfg.throughput_window,
+            max_keys=cfg.max_metric_keys,
+            trace_every=cfg.trace_every,
+            health=self.health,
+        )
+        register_system_metrics(self.meter, self.attributes)
+        self.health.register(self.meter, self.attributes)
+        emitter = StepSpanEmitter(
+            self.tracer, {semconv.ATTR_RANK: self.rank, semconv.ATTR_RUN_ID: self.run_id}
+        )
+        training = self.training
+        pipeline.add_job(lambda: emitter.emit(training.step_records))
+        if registry is not None:
+            self.server = MetricsServer(
+                registry,
+                cfg.prometheus_host,
+                cfg.prometheus_port,
+                self.local_rank,
+                cfg.prometheus_port_attempts,
+                self.health,
+            )
+            if self.server.start() is not None:
+                logger.info("otel_ml: rank %d serves %s", self.rank, self.server.url)
+        pipeline.add_job(self._write_endpoint_file, once=True)
+        pipeline.start()
+        if cfg.set_global_providers:
+            _install_globals(self)
+
+    def _resource(self) -> Resource:
+        attributes: dict[str, Any] = {
+            **self.config.resource_attributes,
+            "service.name": self.config.service_name,
+            "service.instance.id": self.instance_id,
+            "host.name": socket.gethostname(),
+            "process.pid": os.getpid(),
+            semconv.RESOURCE_RUN_ID: self.run_id,
+            semconv.RESOURCE_RANK: self.rank,
+            semconv.RESOURCE_LOCAL_RANK: self.local_rank,
+            semconv.RESOURCE_WORLD_SIZE: self.world_size,
+        }
+        return Resource.create(attributes)
+
+    @property
+    def port(self) -> int | None:
+        """The port ``/metrics`` is served on (None when Prometheus is off or no port was free)."""
+        return self.server.port if self.server else None
+
+    @property
+    def metrics_url(self) -> str | None:
+        return self.server.url if self.server else None
+
+    @property
+    def endpoint_file(self) -> Path:
+        """Where this rank's port and URL are written (JSON), for operators and ``otel-ml targets``."""
+        return rank_dir(self.run_dir, self.rank) / ENDPOINT_FILE
+
+    def endpoint_info(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "world_size": self.world_size,
+            "host": socket.gethostname(),
+            "bind": self.config.prometheus_host,
+            "port": self.port,
+            "url": self.metrics_url,
+            "pid": self._pid,
+            "service_name": self.config.service_name,
+            "started_unix": time.time(),
+        }
+
+    def _write_endpoint_file(self) -> None:
+        path = self.endpoint_file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.endpoint_info(), handle, indent=2)
+            tmp.replace(path)
+        except OSError as exc:
+            warn_once("endpoint-file", "otel_ml: could not write %s: %s", path, exc.strerror or exc)
+
+    # ------------------------------------------------------------------ API
+    def log(self, step: Any, /, **values: Any) -> None:
+        """Record one step's scalars; see :func:`otel_ml.log`."""
+        self._log(step, values)
+
+    def _log(self, step: Any, values: dict[str, Any]) -> None:
+        training = self.training
+        if training is None:
+            return
+        try:
+            training.log(step, values)
+        except Exception as exc:  # noqa: BLE001 - telemetry must never break the loop
+            warn_once("log-internal", "otel_ml: log() failed internally (%r); telemetry continues", exc)
+            self.health.dropped("values")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Push metrics and spans to OTLP and files now, waiting at most ``timeout`` seconds."""
+        if self.pipeline is None or self.closed:
+            return True
+        return self.pipeline.flush(self.config.shutdown_timeout if timeout is None else timeout)
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Flush and stop everything within ``timeout`` (default ``shutdown_timeout``) seconds.
+
+        Safe to call twice and from any thread; returns False when a destination had to be
+        abandoned at the deadline.
+        """
+        with self._lock:
+            if self.closed:
+                return True
+            self.closed = True
+        if os.getpid() != self._pid:
+            return True
+        self.training = None
+        ok = True
+        limit = self.config.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        if self.pipeline is not None:
+            ok = self.pipeline.shutdown(max(0.0, deadline - time.monotonic() - 0.5))
+        if self.server is not None:
+            self.server.close()
+        return ok
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (e.g. a DataLoader worker): no exports, no server socket."""
+        self.training = None
+        self.closed = True
+        if self.server is not None:
+            self.server.close_in_child()
+
+
+_state_lock = threading.Lock()
+_current: Telemetry | None = None
+
+
+def _install_globals(telemetry: Telemetry) -> None:
+    from opentelemetry import metrics, trace
+
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(telemetry.tracer_provider)
+    if type(metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider":
+        metrics.set_meter_provider(telemetry.meter_provider)
+
+
+def init(service_name: str | None = None, **options: Any) -> Telemetry:
+    """Start telemetry for this process and return its handle.
+
+    Every option of :class:`otel_ml.Config` can be passed as a keyword; unset options come from
+    the environment, then defaults. Calling ``init()`` again while running returns the same
+    handle with a warning.
+
+    Example::
+
+        t = otel_ml.init(service_name="llama-ft", prometheus_port=9500)
+    """
+    global _current
+    with _state_lock:
+        if _current is not None and not _current.closed:
+            warn_once("init-twice", "otel_ml: init() called again; returning the running instance")
+            return _current
+        if _current is not None and os.getpid() != _current._pid:
+            warn_once("init-in-fork", "otel_ml: init() in a forked child of a traced process is a no-op")
+            return _current
+        config = Config.resolve(service_name=service_name, **options)
+        _current = Telemetry(config)
+        return _current
+
+
+def log(step: Any, /, **values: Any) -> None:
+    """Record the scalars of one training step (no-op before ``init()``).
+
+    ``loss``, ``lr``, ``grad_norm`` are gauges; ``samples`` and ``tokens`` are counted and turned
+    into per-second rates; any other scalar becomes ``otel_ml_<key>``. Values may be Python
+    numbers, NumPy scalars or 1-element tensors (CUDA tensors are read later, off this thread).
+    NaN/Inf are counted in ``otel_ml_nonfinite_total``; unusable values get one warning.
+
+    Example::
+
+        otel_ml.log(step, loss=loss, lr=sched.get_last_lr()[0], samples=bs, kl=kl)
+    """
+    telemetry = _current
+    if telemetry is not None:
+        telemetry._log(step, values)
+
+
+def shutdown(timeout: float | None = None) -> bool:
+    """Flush and stop the running instance (bounded by ``shutdown_timeout``); no-op if none."""
+    telemetry = _current
+    return True if telemetry is None else telemetry.shutdown(timeout)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Push pending metrics and spans now (bounded); no-op before ``init()``."""
+    telemetry = _current
+    return True if telemetry is None else telemetry.flush(timeout)
+
+
+def get_telemetry() -> Telemetry | None:
+    """The running :class:`Telemetry`, or None before ``init()``."""
+    return _current
+
+
+def _at_exit() -> None:
+    telemetry = _current
+    if telemetry is not None and not telemetry.closed and os.getpid() == telemetry._pid:
+        telemetry.shutdown()
+
+
+def _after_fork_in_child() -> None:
+    telemetry = _current
+    if telemetry is not None:
+        telemetry._after_fork_in_child()
+
+
+atexit.register(_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,210 @@
+"""Every metric, span and attribute name otel_ml emits, with its unit and help text.
+
+This module is the single source of truth for names. Instrument names are chosen so that the
+OpenTelemetry Prometheus exporter exposes exactly the documented Prometheus name: the exporter
+appends a unit suffix unless the name already ends with it (``s`` -> ``_seconds``, ``By`` ->
+``_bytes``, ``{x}/s`` -> ``_per_second``, ``1`` and ``{x}`` -> nothing) and appends ``_total``
+to counters. ``tests/test_semconv.py`` checks the README table against :data:`METRICS`, and the
+integration tests check the names against a real ``/metrics`` scrape.
+
+Example::
+
+    from otel_ml import semconv
+    semconv.LOSS.prometheus_name  # 'otel_ml_loss'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "otel_ml_"
+
+#: Label carried by every otel_ml series: the global rank of the process.
+LABEL_RANK = "rank"
+#: Label carried by every otel_ml series: the run id shared by all ranks of a job.
+LABEL_RUN_ID = "run_id"
+LABEL_DEVICE = "device"
+LABEL_METRIC = "metric"
+LABEL_EXPORTER = "exporter"
+LABEL_SIGNAL = "signal"
+
+# Resource attributes (OTel semantic conventions where they exist, ``otel_ml.*`` otherwise).
+RESOURCE_RUN_ID = "otel_ml.run_id"
+RESOURCE_RANK = "otel_ml.rank"
+RESOURCE_LOCAL_RANK = "otel_ml.local_rank"
+RESOURCE_WORLD_SIZE = "otel_ml.world_size"
+
+# Spans.
+SPAN_STEP = "otel_ml.step"
+ATTR_STEP = "otel_ml.step"
+ATTR_RANK = "otel_ml.rank"
+ATTR_RUN_ID = "otel_ml.run_id"
+#: Prefix of span attributes holding the scalars logged for that step (``otel_ml.value.loss``).
+ATTR_VALUE_PREFIX = "otel_ml.value."
+
+#: Instrumentation scope name used for every meter and tracer otel_ml creates.
+SCOPE = "otel_ml"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its OTel instrument name, unit, kind and the Prometheus name it exposes.
+
+    Example::
+
+        LOSS = MetricSpec("otel_ml_loss", "1", "gauge", "Last finite training loss.", "loss=")
+    """
+
+    name: str
+    unit: str
+    kind: str  # gauge | counter | histogram
+    description: str
+    source: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def prometheus_name(self) -> str:
+        """The name as it appears on ``/metrics`` (``_total`` added to counters)."""
+        return self.name + "_total" if self.kind == "counter" else self.name
+
+
+STEP = MetricSpec("otel_ml_step", "{step}", "gauge", "Last step passed to log().", "`step`")
+LAST_STEP_TIMESTAMP = MetricSpec(
+    "otel_ml_last_step_timestamp_seconds",
+    "s",
+    "gauge",
+    "Unix time of the last log() call.",
+    "clock at log()",
+)
+LOSS = MetricSpec("otel_ml_loss", "1", "gauge", "Last finite training loss.", "`loss=`")
+LEARNING_RATE = MetricSpec(
+    "otel_ml_learning_rate", "1", "gauge", "Last learning rate.", "`lr=` (or `learning_rate=`)"
+)
+GRAD_NORM = MetricSpec("otel_ml_grad_norm", "1", "gauge", "Last gradient norm.", "`grad_norm=`")
+SAMPLES_PER_SECOND = MetricSpec(
+    "otel_ml_samples_per_second",
+    "{sample}/s",
+    "gauge",
+    "Samples per second over the last throughput window of steps.",
+    "rolling window over `samples=`",
+)
+TOKENS_PER_SECOND = MetricSpec(
+    "otel_ml_tokens_per_second",
+    "{token}/s",
+    "gauge",
+    "Tokens per second over the last throughput window of steps.",
+    "rolling window over `tokens=`",
+)
+SAMPLES = MetricSpec(
+    "otel_ml_samples", "{sample}", "counter", "Samples processed (sum of samples=).", "`samples=`"
+)
+TOKENS = MetricSpec("otel_ml_tokens", "{token}", "counter", "Tokens processed (sum of tokens=).", "`tokens=`")
+STEP_DURATION = MetricSpec(
+    "otel_ml_step_duration_seconds",
+    "s",
+    "histogram",
+    "Wall time per step, measured between log() calls for successive steps.",
+    "time between log() calls",
+)
+GPU_MEMORY_ALLOCATED = MetricSpec(
+    "otel_ml_gpu_memory_allocated_bytes",
+    "By",
+    "gauge",
+    "CUDA memory held by tensors (torch.cuda.memory_allocated).",
+    "torch.cuda memory stats at collection; absent without CUDA",
+    (LABEL_DEVICE,),
+)
+GPU_MEMORY_RESERVED = MetricSpec(
+    "otel_ml_gpu_memory_reserved_bytes",
+    "By",
+    "gauge",
+    "CUDA memory reserved by the caching allocator (torch.cuda.memory_reserved).",
+    "torch.cuda memory stats at collection; absent without CUDA",
+    (LABEL_DEVICE,),
+)
+GPU_MEMORY_PEAK = MetricSpec(
+    "otel_ml_gpu_memory_peak_bytes",
+    "By",
+    "gauge",
+    "Peak CUDA memory held by tensors (torch.cuda.max_memory_allocated).",
+    "torch.cuda memory stats at collection; absent without CUDA",
+    (LABEL_DEVICE,),
+)
+PROCESS_RESIDENT_MEMORY = MetricSpec(
+    "otel_ml_process_resident_memory_bytes",
+    "By",
+    "gauge",
+    "Resident set size of the rank's process.",
+    "/proc/self/statm at collection",
+)
+NONFINITE = MetricSpec(
+    "otel_ml_nonfinite",
+    "{value}",
+    "counter",
+    "NaN or Inf values passed to log(), per key; the series starts at 0 when the key is first logged.",
+    "NaN/Inf values passed to log()",
+    (LABEL_METRIC,),
+)
+EXPORT_ERRORS = MetricSpec(
+    "otel_ml_export_errors",
+    "{error}",
+    "counter",
+    "Failed exports per exporter (otlp, files).",
+    "exporter threads",
+    (LABEL_EXPORTER,),
+)
+EXPORT_DROPPED = MetricSpec(
+    "otel_ml_export_dropped",
+    "{item}",
+    "counter",
+    "Telemetry items dropped because a bounded queue was full or a value was unusable.",
+    "exporter queues, deferred reads, caps",
+    (LABEL_SIGNAL,),
+)
+#: Template for any other scalar passed to log(): ``kl=`` becomes ``otel_ml_kl``.
+USER_GAUGE_UNIT = "1"
+
+METRICS: tuple[MetricSpec, ...] = (
+    STEP,
+    LAST_STEP_TIMESTAMP,
+    LOSS,
+    LEARNING_RATE,
+    GRAD_NORM,
+    SAMPLES_PER_SECOND,
+    TOKENS_PER_SECOND,
+    SAMPLES,
+    TOKENS,
+    STEP_DURATION,
+    GPU_MEMORY_ALLOCATED,
+    GPU_MEMORY_RESERVED,
+    GPU_MEMORY_PEAK,
+    PROCESS_RESIDENT_MEMORY,
+    NONFINITE,
+    EXPORT_ERRORS,
+    EXPORT_DROPPED,
+)
+
+#: Every Prometheus name otel_ml owns; a user key that would collide is renamed.
+RESERVED_NAMES: frozenset[str] = frozenset(
+    n for m in METRICS for n in (m.name, m.prometheus_name)
+) | frozenset({"otel_ml_info"})
+
+#: Default histogram bucket bounds for step durations, in seconds (1 ms to 10 min).
+STEP_DURATION_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+def markdown_table() -> str:
+    """The metric table for README.md, generated from :data:`METRICS`."""
+    rows = ["| Prometheus name | kind | labels | source | meaning |", "|---|---|---|---|---|"]
+    base = f"`{LABEL_RANK}`, `{LABEL_RUN_ID}`"
+    for m in METRICS:
+        labels = ", ".join([base, *(f"`{label}`" for label in m.labels)])
+        rows.append(f"| `{m.prometheus_name}` | {m.kind} | {labels} | {m.source} | {m.description} |")
+    rows.append(
+        f"| `otel_ml_<key>` | gauge | {base} | any other scalar kwarg of log() | "
+        "Last finite value; key sanitized (`kl=` -> `otel_ml_kl`). |"
+    )
+    return "\n".join(rows)

@@ -1,0 +1,379 @@
+"""``log(step, loss=..., ...)``: the training metrics, cheap on the training thread.
+
+The hot path only stores numbers in plain Python containers (a few hundred nanoseconds per
+value). OTel instruments are observable: their callbacks read those containers when a reader
+collects (a Prometheus scrape or the push thread). The step-duration histogram is the only
+synchronous instrument; its observations are queued and recorded at collection time, from the
+first callback (:meth:`TrainingMetrics._refresh`), which also resolves deferred GPU values.
+
+Non-finite values never reach an instrument (the OTel SDK would drop them and log on every
+collection); they are counted per key in ``otel_ml_nonfinite_total{metric=...}`` and the gauge
+keeps its last finite value.
+
+Example::
+
+    metrics = TrainingMetrics(meter, attributes={"rank": "0", "run_id": "r1"})
+    metrics.log(1, {"loss": 2.3, "lr": 3e-4, "samples": 32})
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from otel_ml import names, semconv
+from otel_ml._logging import logger, warn_once
+from otel_ml.health import TelemetryHealth
+from otel_ml.values import Deferred, UnusableValueError, coerce
+
+_GAUGE, _SAMPLES, _TOKENS = 0, 1, 2
+_BUILTIN_GAUGES = {
+    "loss": semconv.LOSS,
+    "lr": semconv.LEARNING_RATE,
+    "learning_rate": semconv.LEARNING_RATE,
+    "grad_norm": semconv.GRAD_NORM,
+}
+#: Python ints below this magnitude convert to float exactly (2**53); larger ones take the slow path.
+_EXACT_INT = 1 << 53
+#: Deferred device reads kept waiting at most; older ones are dropped and counted.
+MAX_PENDING = 1024
+#: Span records waiting for the step-span emitter at most.
+MAX_STEP_RECORDS = 1024
+
+
+@dataclass
+class StepRecord:
+    """A finished step chosen for tracing: wall-clock bounds and the values logged with it."""
+
+    step: int
+    start_ns: int
+    end_ns: int
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+def window_rate(entries: tuple[tuple[float, float, float], ...], index: int) -> float | None:
+    """Rate of the cumulative column ``index`` over a window of ``(time, cum1, cum2)`` entries."""
+    if len(entries) < 2:
+        return None
+    elapsed = entries[-1][0] - entries[0][0]
+    if elapsed <= 0:
+        return None
+    return (entries[-1][index] - entries[0][index]) / elapsed
+
+
+class TrainingMetrics:
+    """Stores what ``log()`` receives and exposes it through observable OTel instruments.
+
+    ``wall`` and ``mono`` are injectable clocks (seconds) so tests control time exactly.
+
+    Example::
+
+        tm = TrainingMetrics(meter, attributes={"rank": "0", "run_id": "r1"}, window=10)
+        tm.log(0, {"loss": 1.0, "samples": 8})
+    """
+
+    def __init__(
+        self,
+        meter: Meter,
+        attributes: Mapping[str, str],
+        *,
+        window: int = 20,
+        max_keys: int = 256,
+        trace_every: int = 0,
+        health: TelemetryHealth | None = None,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._meter = meter
+        self._attrs = dict(attributes)
+        self._max_keys = max_keys
+        self._trace_every = trace_every
+        self._health = health or TelemetryHealth()
+        self._wall = wall
+        self._mono = mono
+        self._lock = threading.Lock()  # slow paths only: key registration, non-finite counts
+
+        self._kinds: dict[str, int | None] = {"samples": _SAMPLES, "tokens": _TOKENS}
+        self._latest: dict[str, float] = {}
+        self._nonfinite: dict[str, int] = {}
+        self._samples = 0.0
+        self._tokens = 0.0
+        self._saw_samples = False
+        self._saw_tokens = False
+        self._window: deque[tuple[float, float, float]] = deque(maxlen=window + 1)
+        self._durations: deque[float] = deque()
+        self._pending: deque[tuple[str, Deferred]] = deque()
+        self.step_records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
+
+        self._step: int | None = None
+        self._step_mono: float | None = None
+        self._step_wall_ns: int | None = None
+        self._last_wall: float | None = None
+        self._user_names: dict[str, str] = {}
+        self._create_instruments()
+
+    # ------------------------------------------------------------------ hot path
+    def log(self, step: Any, values: Mapping[str, Any]) -> None:
+        """Record one call of ``otel_ml.log(step, **values)``. Never raises on bad values."""
+        wall = self._wall()
+        mono = self._mono()
+        if step.__class__ is not int:
+            step = self._normalize_step(step)
+        self._last_wall = wall
+        if step != self._step:
+            self._close_step(step, wall, mono, values)
+        kinds = self._kinds
+        latest = self._latest
+        for key, value in values.items():
+            kind = kinds.get(key, -1)
+            if kind == -1:
+                kind = self._register(key)
+            if kind is None:
+                continue
+            cls = value.__class__
+            if cls is int and -_EXACT_INT < value < _EXACT_INT:
+                value = float(value)
+                cls = float
+            if cls is float:
+                if value - value == 0.0:  # finite: NaN - NaN and Inf - Inf are NaN
+                    if kind == _GAUGE:
+                        latest[key] = value
+                    else:
+                        self._add_count(kind, value, key)
+                else:
+                    self._count_nonfinite(key)
+            else:
+                self._ingest_slow(key, kind, value)
+        if self._saw_samples or self._saw_tokens:
+            self._window.append((mono, self._samples, self._tokens))
+
+    def _close_step(self, step: int, wall: float, mono: float, values: Mapping[str, Any]) -> None:
+        prev_step, prev_mono, prev_wall_ns = self._step, self._step_mono, self._step_wall_ns
+        wall_ns = int(wall * 1e9)
+        if prev_step is not None and prev_mono is not None and step > prev_step:
+            per_step = (mono - prev_mono) / (step - prev_step)
+            self._durations.append(per_step)
+            every = self._trace_every
+            if every and (step % every == 0) and prev_wall_ns is not None:
+                self.step_records.append(StepRecord(step, prev_wall_ns, wall_ns, values))
+        self._step, self._step_mono, self._step_wall_ns = step, mono, wall_ns
+
+    # ------------------------------------------------------------------ slow paths
+    def _normalize_step(self, step: Any) -> int:
+        if step is None:
+            return 0 if self._step is None else self._step + 1
+        try:
+            number = coerce(step)
+            if isinstance(number, Deferred):
+                raise UnusableValueError("step must not be a device tensor")
+            if number != number or number in (float("inf"), float("-inf")):
+                raise UnusableValueError("step is not finite")
+            return int(number)
+        except UnusableValueError as exc:
+            warn_once("step", "otel_ml: log() step %r unusable (%s); counting steps instead", step, exc)
+            return 0 if self._step is None else self._step + 1
+
+    def _ingest_slow(self, key: str, kind: int, value: Any) -> None:
+        try:
+            number = coerce(value)
+        except UnusableValueError as exc:
+            warn_once(f"value:{key}", "otel_ml: log() dropped %r: %s", key, exc)
+            self._health.dropped("values")
+            return
+        except Exception as exc:  # noqa: BLE001 - exotic objects must not break training
+            warn_once(f"value:{key}", "otel_ml: log() dropped %r: %s", key, exc)
+            self._health.dropped("values")
+            return
+        if isinstance(number, Deferred):
+            pending = self._pending
+            if len(pending) >= MAX_PENDING:
+                pending.popleft()
+                self._health.dropped("values")
+            pending.append((key, number))
+            return
+        self._ingest(key, kind, number)
+
+    def _ingest(self, key: str, kind: int, number: float) -> None:
+        if number - number == 0.0:
+            if kind == _GAUGE:
+                self._latest[key] = number
+            else:
+                self._add_count(kind, number, key)
+        else:
+            self._count_nonfinite(key)
+
+    def _add_count(self, kind: int, value: float, key: str) -> None:
+        if value < 0:
+            warn_once(f"negative:{key}", "otel_ml: log() ignored negative %s=%r", key, value)
+            return
+        if kind == _SAMPLES:
+            self._samples += value
+            self._saw_samples = True
+        else:
+            self._tokens += value
+            self._saw_tokens = True
+
+    def _count_nonfinite(self, key: str) -> None:
+        with self._lock:
+            self._nonfinite[key] = self._nonfinite.get(key, 0) + 1
+
+    def _register(self, key: str) -> int | None:
+        """First sight of ``key``: create its instrument (once per process and key)."""
+        with self._lock:
+            if key in self._kinds:
+                return self._kinds[key]
+            kind: int | None = _GAUGE
+            if not isinstance(key, str) or not key:
+                warn_once(f"key:{key!r}", "otel_ml: log() ignored an empty or non-string key")
+                kind = None
+            elif len(self._kinds) >= self._max_keys:
+                warn_once(
+                    "max-keys",
+                    "otel_ml: more than %d distinct log() keys; %r and later new keys are dropped "
+                    "(raise OTEL_ML_MAX_METRIC_KEYS if this is intended)",
+                    self._max_keys,
+                    key,
+                )
+                self._health.dropped("values")
+                kind = None
+            elif key not in _BUILTIN_GAUGES:
+                self._create_user_gauge(key)
+            if kind is not None:
+                self._nonfinite.setdefault(key, 0)
+            self._kinds[key] = kind
+            return kind
+
+    def _create_user_gauge(self, key: str) -> None:
+        name = names.metric_name(key)
+        if name in self._user_names.values():
+            name = names.metric_name(f"{key}_{len(self._user_names)}")
+        if name != names.PREFIX + key:
+            logger.info("otel_ml: log() key %r is exported as %s", key, name)
+        self._user_names[key] = name
+        self._meter.create_observable_gauge(
+            name,
+            callbacks=[self._gauge_callback(key)],
+            unit=semconv.USER_GAUGE_UNIT,
+            description=f"Last finite value of {key}= passed to otel_ml.log().",
+        )
+
+    # ------------------------------------------------------------------ collection
+    def _refresh(self) -> None:
+        """Resolve deferred device values and record queued durations (collection thread)."""
+        pending = self._pending
+        while pending:
+            key, deferred = pending[0]
+            try:
+                if not deferred.ready():
+                    break
+                number = deferred.value()
+            except Exception as exc:  # noqa: BLE001
+                warn_once(f"deferred:{key}", "otel_ml: reading %r from the device failed: %s", key, exc)
+                number = None
+            pending.popleft()
+            if number is not None:
+                self._ingest(key, self._kinds.get(key) or _GAUGE, number)
+        durations = self._durations
+        record = self._histogram.record
+        while durations:
+            record(durations.popleft(), self._attrs)
+
+    def _gauge_callback(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            value = self._latest.get(key)
+            return () if value is None else (Observation(value, self._attrs),)
+
+        return callback
+
+    def _observe_step(self, _: CallbackOptions) -> Iterable[Observation]:
+        # Registered first, so it runs before every other otel_ml callback of this meter.
+        self._refresh()
+        return () if self._step is None else (Observation(self._step, self._attrs),)
+
+    def _observe_timestamp(self, _: CallbackOptions) -> Iterable[Observation]:
+        wall = self._last_wall
+        return () if wall is None else (Observation(wall, self._attrs),)
+
+    def _observe_rate(self, index: int, seen: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            if not getattr(self, seen):
+                return ()
+            rate = window_rate(tuple(self._window), index)
+            return () if rate is None else (Observation(rate, self._attrs),)
+
+        return callback
+
+    def _observe_total(self, attr: str, seen: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            if not getattr(self, seen):
+                return ()
+            return (Observation(getattr(self, attr), self._attrs),)
+
+        return callback
+
+    def _observe_nonfinite(self, _: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            items = list(self._nonfinite.items())
+        label = semconv.LABEL_METRIC
+        return [Observation(n, {**self._attrs, label: names.label_value(str(k))}) for k, n in items]
+
+    def _create_instruments(self) -> None:
+        m = self._meter
+        m.create_observable_gauge(
+            semconv.STEP.name, [self._observe_step], semconv.STEP.unit, semconv.STEP.description
+        )
+        spec = semconv.LAST_STEP_TIMESTAMP
+        m.create_observable_gauge(spec.name, [self._observe_timestamp], spec.unit, spec.description)
+        created: set[str] = set()
+        for spec in _BUILTIN_GAUGES.values():
+            if spec.name in created:
+                # lr= and learning_rate= feed one gauge
+                continue
+            created.add(spec.name)
+            keys = [k for k, s in _BUILTIN_GAUGES.items() if s is spec]
+            m.create_observable_gauge(spec.name, [self._builtin_callback(keys)], spec.unit, spec.description)
+        for spec, index, seen in (
+            (semconv.SAMPLES_PER_SECOND, 1, "_saw_samples"),
+            (semconv.TOKENS_PER_SECOND, 2, "_saw_tokens"),
+        ):
+            m.create_observable_gauge(
+                spec.name, [self._observe_rate(index, seen)], spec.unit, spec.description
+            )
+        for spec, attr, seen in (
+            (semconv.SAMPLES, "_samples", "_saw_samples"),
+            (semconv.TOKENS, "_tokens", "_saw_tokens"),
+        ):
+            m.create_observable_counter(
+                spec.name, [self._observe_total(attr, seen)], spec.unit, spec.description
+            )
+        spec = semconv.NONFINITE
+        m.create_observable_counter(spec.name, [self._observe_nonfinite], spec.unit, spec.description)
+        spec = semconv.STEP_DURATION
+        self._histogram = m.create_histogram(
+            spec.name,
+            unit=spec.unit,
+            description=spec.description,
+            explicit_bucket_boundaries_advisory=list(semconv.STEP_DURATION_BUCKETS),
+        )
+
+    def _builtin_callback(self, keys: list[str]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            for key in keys:
+                value = self._latest.get(key)
+                if value is not None:
+                    return (Observation(value, self._attrs),)
+            return ()
+
+        return callback
+
+    def exported_name(self, key: str) -> str | None:
+        """The metric name a ``log()`` key is exported under (None if not logged or dropped)."""
+        if key in _BUILTIN_GAUGES:
+            return _BUILTIN_GAUGES[key].name
+        return self._user_names.get(key)
