@@ -177,12 +177,20 @@ def launch(args: argparse.Namespace) -> int:
         env = {**env_common, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         stdout = None if rank == 0 else subprocess.DEVNULL
         procs.append(subprocess.Popen(command, env=env, stdout=stdout))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
+        forward(signal.SIGINT, None)
         codes = [p.wait() for p in procs]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(_summary(run_dir, args.ranks), flush=True)
     return max(codes, key=abs)
 

@@ -94,6 +94,7 @@ class SinkWorker:
         self._span_delay = span_delay
         self._spans: deque[Any] = deque()
         self._span_limit = span_queue_size
+        self._batch = min(MAX_SPAN_BATCH, span_queue_size)
         self._metrics: Any = None
         self._cond = threading.Condition()
         self._stopping = False
@@ -101,6 +102,7 @@ class SinkWorker:
         self._busy = False
         self._failing = False
         self._failures = 0
+        self._abandoned = False  # set when shutdown gave up on this worker: it must stay silent
         self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}-{sink.name}", daemon=True)
 
     def start(self) -> None:
@@ -120,7 +122,7 @@ class SinkWorker:
             self._health.dropped("spans")
             return
         spans.append(span)
-        if len(spans) == MAX_SPAN_BATCH:
+        if len(spans) == self._batch:
             with self._cond:
                 self._cond.notify()
 
@@ -130,7 +132,7 @@ class SinkWorker:
             self._stopping
             or self._flush_requested
             or self._metrics is not None
-            or len(self._spans) >= MAX_SPAN_BATCH
+            or len(self._spans) >= self._batch
             or time.monotonic() >= next_spans
         )
 
@@ -149,7 +151,7 @@ class SinkWorker:
                 if metrics is not None:
                     self._export("metrics", self.sink.export_metrics, metrics)
                 now = time.monotonic()
-                if self._spans and (force or now >= next_spans or len(self._spans) >= MAX_SPAN_BATCH):
+                if self._spans and (force or now >= next_spans or len(self._spans) >= self._batch):
                     self._drain_spans()
                 if now >= next_spans:
                     next_spans = now + self._span_delay
@@ -164,7 +166,7 @@ class SinkWorker:
         spans = self._spans
         while spans:
             batch = []
-            while spans and len(batch) < MAX_SPAN_BATCH:
+            while spans and len(batch) < self._batch:
                 batch.append(spans.popleft())
             if not self._export("spans", self.sink.export_spans, batch):
                 self._health.dropped("spans", len(batch))
@@ -176,17 +178,23 @@ class SinkWorker:
         except Exception as exc:  # noqa: BLE001 - a destination must never kill the worker
             ok = False
             reason = redact(f"{type(exc).__name__}: {exc}")
+        with self._cond:
+            # Once shutdown abandoned this worker, the outcome is reported by join() (once).
+            abandoned = self._abandoned
+            recovered, first_failure = ok and self._failing, not ok and not self._failing
+            self._failing = not ok
+            if ok:
+                failures, self._failures = self._failures, 0
+            else:
+                self._failures += 1
         if ok:
-            if self._failing:
+            if recovered and not abandoned:
                 logger.warning(
-                    "otel_ml: %s export recovered after %d failed attempt(s)", self.sink.name, self._failures
+                    "otel_ml: %s export recovered after %d failed attempt(s)", self.sink.name, failures
                 )
-            self._failing, self._failures = False, 0
             return True
         self._health.error(self.sink.name)
-        self._failures += 1
-        if not self._failing:
-            self._failing = True
+        if first_failure and not abandoned:
             logger.warning(
                 "otel_ml: %s export of %s failing (%s); training continues, retrying quietly; "
                 "failures are counted in otel_ml_export_errors_total",
@@ -225,9 +233,14 @@ class SinkWorker:
             self._thread.join(max(0.0, deadline - time.monotonic()))
         finished = not self._thread.is_alive()
         if not finished:
+            with self._cond:
+                self._abandoned = True
+                already_reported = self._failing
             pending = len(self._spans)
             self._health.dropped("spans", pending)
-            logger.warning(
+            # One line per outage: if the failure was already reported, this is not news.
+            logger.log(
+                logging.DEBUG if already_reported else logging.WARNING,
                 "otel_ml: %s export did not finish within the shutdown timeout; %d span(s) dropped",
                 self.sink.name,
                 pending,

@@ -1,0 +1,39 @@
+"""Helpers to read metrics from an InMemoryMetricReader or from Prometheus text exposition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
+    """{metric name: [(attributes, data point), ...]} from one collection."""
+    data = reader.get_metrics_data()
+    out: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    if data is None:
+        return out
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                for point in metric.data.data_points:
+                    out.setdefault(metric.name, []).append((dict(point.attributes), point))
+    return out
+
+
+def value(collected: dict[str, list[tuple[dict[str, Any], Any]]], name: str, **labels: str) -> Any:
+    """The single point of ``name`` whose attributes include ``labels`` (value or the point)."""
+    matches = [p for attrs, p in collected.get(name, []) if all(attrs.get(k) == v for k, v in labels.items())]
+    assert len(matches) == 1, f"{name}{labels}: {len(matches)} points in {sorted(collected)}"
+    point = matches[0]
+    return getattr(point, "value", point)
+
+
+def parse_exposition(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """{sample name: [(labels, value), ...]} from Prometheus text format (validates it too)."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
