@@ -241,7 +241,8 @@ class SinkWorker:
             # One line per outage: if the failure was already reported, this is not news.
             logger.log(
                 logging.DEBUG if already_reported else logging.WARNING,
-                "otel_ml: %s export did not finish within the shutdown timeout; %d span(s) dropped",
+                "otel_ml: %s export did not finish within the shutdown timeout (destination slow or "
+                "unreachable); the final metrics and %d queued span(s) were dropped",
                 self.sink.name,
                 pending,
             )

@@ -115,8 +115,7 @@ class OtlpSink:
             if exporter is None:
                 continue
             try:
-                exporter.shutdown(timeout_millis=max(1.0, timeout * 1000))
-            except TypeError:
+                # Interrupts retry back-off; the caller bounds how long it waits for this thread.
                 exporter.shutdown()
             except Exception as exc:  # noqa: BLE001
                 logger.debug("otel_ml: OTLP exporter shutdown failed: %s", exc)
