@@ -127,6 +127,7 @@ class Telemetry:
             self.tracer, {semconv.ATTR_RANK: self.rank, semconv.ATTR_RUN_ID: self.run_id}
         )
         training = self.training
+        pipeline.add_job(training.drain_durations)
         pipeline.add_job(lambda: emitter.emit(training.step_records))
         if registry is not None:
             self.server = MetricsServer(

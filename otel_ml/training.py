@@ -43,6 +43,8 @@ _BUILTIN_GAUGES = {
 _EXACT_INT = 1 << 53
 #: Deferred device reads kept waiting at most; older ones are dropped and counted.
 MAX_PENDING = 1024
+#: Step durations queued for the histogram at most (the pump drains them every 0.5 s).
+MAX_QUEUED_DURATIONS = 65536
 #: Span records waiting for the step-span emitter at most.
 MAX_STEP_RECORDS = 1024
 
@@ -107,7 +109,8 @@ class TrainingMetrics:
         self._saw_samples = False
         self._saw_tokens = False
         self._window: deque[tuple[float, float, float]] = deque(maxlen=window + 1)
-        self._durations: deque[float] = deque()
+        # Drained every pump tick and at collection; the bound only matters if the pump is gone.
+        self._durations: deque[float] = deque(maxlen=MAX_QUEUED_DURATIONS)
         self._pending: deque[tuple[str, Deferred]] = deque()
         self.step_records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
 
@@ -158,6 +161,8 @@ class TrainingMetrics:
         wall_ns = int(wall * 1e9)
         if prev_step is not None and prev_mono is not None and step > prev_step:
             per_step = (mono - prev_mono) / (step - prev_step)
+            if len(self._durations) == MAX_QUEUED_DURATIONS:
+                self._health.dropped("values")
             self._durations.append(per_step)
             every = self._trace_every
             if every and (step % every == 0) and prev_wall_ns is not None:
@@ -182,11 +187,7 @@ class TrainingMetrics:
     def _ingest_slow(self, key: str, kind: int, value: Any) -> None:
         try:
             number = coerce(value)
-        except UnusableValueError as exc:
-            warn_once(f"value:{key}", "otel_ml: log() dropped %r: %s", key, exc)
-            self._health.dropped("values")
-            return
-        except Exception as exc:  # noqa: BLE001 - exotic objects must not break training
+        except Exception as exc:  # noqa: BLE001 - UnusableValueError, or exotic objects failing
             warn_once(f"value:{key}", "otel_ml: log() dropped %r: %s", key, exc)
             self._health.dropped("values")
             return
@@ -279,9 +280,17 @@ class TrainingMetrics:
             pending.popleft()
             if number is not None:
                 self._ingest(key, self._kinds.get(key) or _GAUGE, number)
+        self.drain_durations()
+
+    def drain_durations(self) -> None:
+        """Record queued step durations into the histogram (export thread or collection).
+
+        Only the entries present on entry are taken, so a fast training loop cannot keep the
+        caller busy; the pump calls this every tick so the queue stays short.
+        """
         durations = self._durations
         record = self._histogram.record
-        while durations:
+        for _ in range(len(durations)):
             record(durations.popleft(), self._attrs)
 
     def _gauge_callback(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -84,13 +85,16 @@ class LazyItem(Deferred):
         return float(self._tensor.item())
 
 
-def _is_tensor(value: Any) -> bool:
-    cls = type(value)
-    return cls.__module__.startswith("torch") and hasattr(value, "numel") and hasattr(value, "device")
+def _tensor_type() -> type | None:
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Tensor", None)
 
 
 def coerce(value: Any) -> float | Deferred:
     """Convert a logged value; raise :class:`UnusableValueError` when it cannot be a scalar."""
+    tensor_type = _tensor_type()
+    if tensor_type is not None and isinstance(value, tensor_type):
+        return _coerce_tensor(value)
     if value is None or isinstance(value, (str, bytes, complex)):
         raise UnusableValueError(f"{type(value).__name__} is not a number")
     if isinstance(value, bool):
@@ -100,8 +104,6 @@ def coerce(value: Any) -> float | Deferred:
             return float(value)
         except OverflowError:
             raise UnusableValueError("integer too large for a float") from None
-    if _is_tensor(value):
-        return _coerce_tensor(value)
     to_float = getattr(value, "__float__", None)
     if to_float is None:
         raise UnusableValueError(f"{type(value).__name__} is not a number")
@@ -112,16 +114,22 @@ def coerce(value: Any) -> float | Deferred:
 
 
 def _coerce_tensor(tensor: Any) -> float | Deferred:
+    if tensor.is_cpu:
+        # The common case, kept short: item() works with requires_grad and raises for
+        # multi-element tensors; complex values fail in float().
+        try:
+            return float(tensor.item())
+        except (RuntimeError, TypeError, ValueError):
+            pass
     numel = tensor.numel()
     if numel != 1:
         raise UnusableValueError(f"tensor has {numel} elements; log a scalar such as .mean()")
     if tensor.is_complex():
         raise UnusableValueError("complex tensor")
-    device = tensor.device.type
-    if device == "cpu":
-        return float(tensor.detach().reshape(()).item())
-    if device == "cuda":
+    if tensor.is_cuda:
         return CudaDeferred(tensor)
-    if device == "meta":
+    if tensor.is_meta:
         raise UnusableValueError("meta tensor has no value")
+    if tensor.is_cpu:
+        raise UnusableValueError(f"{tensor.dtype} tensor cannot be a float")
     return LazyItem(tensor)
