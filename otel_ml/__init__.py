@@ -12,10 +12,14 @@ Example::
 
 from otel_ml._version import __version__
 from otel_ml.config import Config
+from otel_ml.modules import ModuleTracer, trace_modules
 from otel_ml.runtime import Telemetry, flush, get_telemetry, init, log, shutdown
+from otel_ml.timing import Region, span, step_end
 
 __all__ = [
     "Config",
+    "ModuleTracer",
+    "Region",
     "Telemetry",
     "__version__",
     "flush",
@@ -23,4 +27,7 @@ __all__ = [
     "init",
     "log",
     "shutdown",
+    "span",
+    "step_end",
+    "trace_modules",
 ]

@@ -235,7 +235,58 @@ class Config:
         metadata=_opt(
             ("OTEL_ML_TRACE_EVERY",),
             p.int_parser(0),
-            "Emit a step span for every Nth step (0: none). Spans are built off the training thread.",
+            "Trace every Nth step in full (root span + region spans; 0: none). Spans are built off "
+            "the training thread.",
+        ),
+    )
+    tail_factor: float = field(
+        default=2.0,
+        metadata=_opt(
+            ("OTEL_ML_TAIL_FACTOR",),
+            p.seconds_parser(1, 0.0),
+            "Also trace every step longer than this factor times the median of the rank's recent "
+            "steps (tail sampling); 0 turns it off.",
+        ),
+    )
+    max_span_paths: int = field(
+        default=256,
+        metadata=_opt(
+            ("OTEL_ML_MAX_SPAN_PATHS",),
+            p.int_parser(1),
+            "Distinct region paths (label `path`); later new paths are counted under `(overflow)`.",
+        ),
+    )
+    cuda_timing: str = field(
+        default="auto",
+        metadata=_opt(
+            ("OTEL_ML_CUDA_TIMING",),
+            p.choice_parser("auto", "on", "off"),
+            "Time regions with CUDA events (resolved later, no sync): `auto` = once this process "
+            "has initialised CUDA.",
+        ),
+    )
+    timing_table: bool = field(
+        default=False,
+        metadata=_opt(
+            ("OTEL_ML_TIMING_TABLE",),
+            p.parse_bool,
+            "Show the live top-paths table on rank 0's terminal (plain lines when not a terminal).",
+        ),
+    )
+    timing_table_every: int = field(
+        default=50,
+        metadata=_opt(("OTEL_ML_TIMING_TABLE_EVERY",), p.int_parser(1), "Steps between table refreshes."),
+    )
+    timing_table_top: int = field(
+        default=10,
+        metadata=_opt(("OTEL_ML_TIMING_TABLE_TOP",), p.int_parser(1), "Paths shown in the table."),
+    )
+    summary: bool = field(
+        default=True,
+        metadata=_opt(
+            ("OTEL_ML_SUMMARY",),
+            p.parse_bool,
+            "At shutdown, write the timing summary to the run dir (JSON and text) and print it on rank 0.",
         ),
     )
     throughput_window: int = field(
@@ -297,6 +348,10 @@ class Config:
                 raise ValueError(f"{name} must be >= 1")
         if self.trace_every < 0:
             raise ValueError("trace_every must be >= 0")
+        if self.tail_factor < 0:
+            raise ValueError("tail_factor must be >= 0")
+        if self.cuda_timing not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_timing must be 'auto', 'on' or 'off', not {self.cuda_timing!r}")
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
+from opentelemetry.sdk.metrics.export import Metric, MetricReader, MetricsData, ResourceMetrics, ScopeMetrics
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otel_ml import __version__, semconv
 from otel_ml._logging import logger
@@ -39,17 +40,66 @@ from otel_ml.health import TelemetryHealth
 TICK = 0.5
 
 
+MetricSource = Callable[[], Iterable[Metric]]
+
+
+class MetricSources:
+    """Metrics otel_ml aggregates itself, added to every collection of its readers.
+
+    Region timings are aggregated outside the OTel SDK (see :mod:`otel_ml.histogram`); each
+    source returns finished OTel ``Metric`` objects, which :meth:`augment` places in the
+    ``otel_ml`` scope of the collected data, so Prometheus, OTLP and files all see them.
+
+    Example::
+
+        sources = MetricSources()
+        sources.add(lambda: [histograms.to_metric(...)])
+        data = sources.augment(data)
+    """
+
+    def __init__(self) -> None:
+        self._sources: list[MetricSource] = []
+        self._scope = InstrumentationScope(semconv.SCOPE, __version__)
+
+    def add(self, source: MetricSource) -> None:
+        self._sources.append(source)
+
+    def augment(self, data: MetricsData | None) -> MetricsData | None:
+        if data is None or not self._sources or not data.resource_metrics:
+            return data
+        extra: list[Metric] = []
+        for source in self._sources:
+            try:
+                extra.extend(m for m in source() if m is not None)
+            except Exception as exc:  # noqa: BLE001 - a broken source must not break collection
+                logger.warning("otel_ml: metric source %s failed: %s", source, exc)
+        if not extra:
+            return data
+        first, *rest = data.resource_metrics
+        scopes = list(first.scope_metrics)
+        for index, scope_metrics in enumerate(scopes):
+            if scope_metrics.scope.name == semconv.SCOPE:
+                scopes[index] = ScopeMetrics(
+                    scope_metrics.scope, [*scope_metrics.metrics, *extra], scope_metrics.schema_url
+                )
+                break
+        else:
+            scopes.append(ScopeMetrics(self._scope, extra, ""))
+        return MetricsData([ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
+
+
 class OnDemandReader(MetricReader):
     """A pull reader: :meth:`read` collects now and returns the data (used by the pump thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sources: MetricSources | None = None) -> None:
         super().__init__()
         self._data: MetricsData | None = None
+        self._sources = sources or MetricSources()
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
-        self._data = metrics_data
+        self._data = self._sources.augment(metrics_data)
 
     def read(self) -> MetricsData | None:
         self._data = None
@@ -93,13 +143,15 @@ class Pipeline:
         span_queue_size: int = 2048,
         span_delay: float = 5.0,
         health: TelemetryHealth | None = None,
+        sources: MetricSources | None = None,
     ) -> None:
         self.health = health or TelemetryHealth()
+        self.sources = sources or MetricSources()
         self.interval = interval
         self.workers = [
             SinkWorker(s, self.health, span_queue_size=span_queue_size, span_delay=span_delay) for s in sinks
         ]
-        self._push_reader = OnDemandReader() if self.workers else None
+        self._push_reader = OnDemandReader(self.sources) if self.workers else None
         readers = [*extra_readers, *([self._push_reader] if self._push_reader else [])]
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
         self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)

@@ -39,9 +39,9 @@ from otel_ml.exporters.files import FileSink, rank_dir
 from otel_ml.exporters.otlp import build_otlp_sink
 from otel_ml.exporters.prometheus import MetricsServer, make_reader
 from otel_ml.health import TelemetryHealth
-from otel_ml.pipeline import Pipeline
+from otel_ml.pipeline import MetricSources, Pipeline
 from otel_ml.system import register_system_metrics
-from otel_ml.tracing import StepSpanEmitter
+from otel_ml.timekeeping import Timekeeper
 from otel_ml.training import TrainingMetrics
 
 ENDPOINT_FILE = "endpoint.json"
@@ -84,13 +84,15 @@ class Telemetry:
         self.server: MetricsServer | None = None
         self.pipeline: Pipeline | None = None
         self.file_sink: FileSink | None = None
+        self.timekeeper: Timekeeper | None = None
         if not cfg.enabled:
             return
 
         readers: list[MetricReader] = list(metric_readers)
         registry = None
+        sources = MetricSources()
         if cfg.prometheus:
-            prom_reader, registry = make_reader()
+            prom_reader, registry = make_reader(sources)
             readers.append(prom_reader)
         all_sinks: list[Sink] = list(sinks)
         otlp = build_otlp_sink(cfg) if cfg.otlp_enabled else None
@@ -107,6 +109,7 @@ class Telemetry:
             span_queue_size=cfg.span_queue_size,
             span_delay=cfg.span_export_delay,
             health=self.health,
+            sources=sources,
         )
         self.meter_provider = pipeline.meter_provider
         self.tracer_provider = pipeline.tracer_provider
@@ -118,17 +121,21 @@ class Telemetry:
             self.attributes,
             window=cfg.throughput_window,
             max_keys=cfg.max_metric_keys,
-            trace_every=cfg.trace_every,
             health=self.health,
         )
         register_system_metrics(self.meter, self.attributes)
         self.health.register(self.meter, self.attributes)
-        emitter = StepSpanEmitter(
-            self.tracer, {semconv.ATTR_RANK: self.rank, semconv.ATTR_RUN_ID: self.run_id}
+        self.timekeeper = Timekeeper(
+            cfg,
+            pipeline,
+            self.attributes,
+            {semconv.ATTR_RANK: self.rank, semconv.ATTR_RUN_ID: self.run_id},
+            self.rank,
+            self.run_id,
+            self.health,
         )
-        training = self.training
-        pipeline.add_job(training.drain_durations)
-        pipeline.add_job(lambda: emitter.emit(training.step_records))
+        self.training.on_step = self.timekeeper.recorder.implied_step_end
+        pipeline.add_job(self.training.drain_durations)
         if registry is not None:
             self.server = MetricsServer(
                 registry,
@@ -237,6 +244,11 @@ class Telemetry:
         ok = True
         limit = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
+        if self.timekeeper is not None:
+            try:
+                self.timekeeper.finish(rank_dir(self.run_dir, self.rank))
+            except Exception as exc:  # noqa: BLE001 - the summary is a courtesy, the flush is not
+                warn_once("summary", "otel_ml: timing summary failed: %s", exc)
         if self.pipeline is not None:
             ok = self.pipeline.shutdown(max(0.0, deadline - time.monotonic() - 0.5))
         if self.server is not None:
@@ -247,6 +259,8 @@ class Telemetry:
         """In a forked child (e.g. a DataLoader worker): no exports, no server socket."""
         self.training = None
         self.closed = True
+        if self.timekeeper is not None:
+            self.timekeeper.after_fork_in_child()
         if self.server is not None:
             self.server.close_in_child()
 

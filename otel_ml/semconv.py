@@ -27,6 +27,8 @@ LABEL_DEVICE = "device"
 LABEL_METRIC = "metric"
 LABEL_EXPORTER = "exporter"
 LABEL_SIGNAL = "signal"
+LABEL_PATH = "path"
+LABEL_REASON = "reason"
 
 # Resource attributes (OTel semantic conventions where they exist, ``otel_ml.*`` otherwise).
 RESOURCE_RUN_ID = "otel_ml.run_id"
@@ -41,6 +43,12 @@ ATTR_RANK = "otel_ml.rank"
 ATTR_RUN_ID = "otel_ml.run_id"
 #: Prefix of span attributes holding the scalars logged for that step (``otel_ml.value.loss``).
 ATTR_VALUE_PREFIX = "otel_ml.value."
+#: Why a step was traced: ``every`` (every Nth step) or ``slow`` (tail sampling).
+ATTR_SAMPLED_BY = "otel_ml.sampled_by"
+#: Full hierarchy path of a region span (the span name is the last path part).
+ATTR_PATH = "otel_ml.path"
+ATTR_GPU_MS = "otel_ml.gpu_duration_ms"
+ATTR_HOST_MS = "otel_ml.host_duration_ms"
 
 #: Instrumentation scope name used for every meter and tracer otel_ml creates.
 SCOPE = "otel_ml"
@@ -161,6 +169,38 @@ EXPORT_DROPPED = MetricSpec(
     "exporter queues, deferred reads, caps",
     (LABEL_SIGNAL,),
 )
+SPAN_DURATION = MetricSpec(
+    "otel_ml_span_duration_seconds",
+    "s",
+    "histogram",
+    "Duration of each timed region (GPU time for CUDA-timed regions, host time otherwise).",
+    "`otel_ml.span()`, `trace_modules()`",
+    (LABEL_PATH,),
+)
+SPAN_SELF = MetricSpec(
+    "otel_ml_span_self_seconds",
+    "s",
+    "counter",
+    "Time spent in a region outside its child regions; rate() over step time gives its share.",
+    "`otel_ml.span()`, `trace_modules()`",
+    (LABEL_PATH,),
+)
+SPAN_HOST = MetricSpec(
+    "otel_ml_span_host_seconds",
+    "s",
+    "counter",
+    "Host (launch) time of CUDA-timed regions; absent for regions timed on the host only.",
+    "`otel_ml.span()` with CUDA timing",
+    (LABEL_PATH,),
+)
+TRACED_STEPS = MetricSpec(
+    "otel_ml_traced_steps",
+    "{step}",
+    "counter",
+    "Steps exported as full traces, by reason: every (every Nth step) or slow (tail sampling).",
+    "trace sampler",
+    (LABEL_REASON,),
+)
 #: Template for any other scalar passed to log(): ``kl=`` becomes ``otel_ml_kl``.
 USER_GAUGE_UNIT = "1"
 
@@ -182,6 +222,10 @@ METRICS: tuple[MetricSpec, ...] = (
     NONFINITE,
     EXPORT_ERRORS,
     EXPORT_DROPPED,
+    SPAN_DURATION,
+    SPAN_SELF,
+    SPAN_HOST,
+    TRACED_STEPS,
 )
 
 #: Every Prometheus name otel_ml owns; a user key that would collide is renamed.
@@ -193,6 +237,13 @@ RESERVED_NAMES: frozenset[str] = frozenset(
 STEP_DURATION_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+#: Bucket bounds for region durations, in seconds (50 µs to 10 s; 16 buckets keep series per path low).
+SPAN_DURATION_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 )  # fmt: skip
 
 

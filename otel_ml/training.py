@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -45,18 +44,6 @@ _EXACT_INT = 1 << 53
 MAX_PENDING = 1024
 #: Step durations queued for the histogram at most (the pump drains them every 0.5 s).
 MAX_QUEUED_DURATIONS = 65536
-#: Span records waiting for the step-span emitter at most.
-MAX_STEP_RECORDS = 1024
-
-
-@dataclass
-class StepRecord:
-    """A finished step chosen for tracing: wall-clock bounds and the values logged with it."""
-
-    step: int
-    start_ns: int
-    end_ns: int
-    values: Mapping[str, Any] = field(default_factory=dict)
 
 
 def window_rate(entries: tuple[tuple[float, float, float], ...], index: int) -> float | None:
@@ -87,7 +74,7 @@ class TrainingMetrics:
         *,
         window: int = 20,
         max_keys: int = 256,
-        trace_every: int = 0,
+        on_step: Callable[[int, float, Mapping[str, Any]], None] | None = None,
         health: TelemetryHealth | None = None,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.perf_counter,
@@ -95,7 +82,8 @@ class TrainingMetrics:
         self._meter = meter
         self._attrs = dict(attributes)
         self._max_keys = max_keys
-        self._trace_every = trace_every
+        #: Called on every step change with (step, monotonic seconds, values): closes timing windows.
+        self.on_step = on_step
         self._health = health or TelemetryHealth()
         self._wall = wall
         self._mono = mono
@@ -112,11 +100,9 @@ class TrainingMetrics:
         # Drained every pump tick and at collection; the bound only matters if the pump is gone.
         self._durations: deque[float] = deque(maxlen=MAX_QUEUED_DURATIONS)
         self._pending: deque[tuple[str, Deferred]] = deque()
-        self.step_records: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
 
         self._step: int | None = None
         self._step_mono: float | None = None
-        self._step_wall_ns: int | None = None
         self._last_wall: float | None = None
         self._user_names: dict[str, str] = {}
         self._create_instruments()
@@ -130,7 +116,7 @@ class TrainingMetrics:
             step = self._normalize_step(step)
         self._last_wall = wall
         if step != self._step:
-            self._close_step(step, wall, mono, values)
+            self._close_step(step, mono, values)
         kinds = self._kinds
         latest = self._latest
         for key, value in values.items():
@@ -156,18 +142,17 @@ class TrainingMetrics:
         if self._saw_samples or self._saw_tokens:
             self._window.append((mono, self._samples, self._tokens))
 
-    def _close_step(self, step: int, wall: float, mono: float, values: Mapping[str, Any]) -> None:
-        prev_step, prev_mono, prev_wall_ns = self._step, self._step_mono, self._step_wall_ns
-        wall_ns = int(wall * 1e9)
+    def _close_step(self, step: int, mono: float, values: Mapping[str, Any]) -> None:
+        prev_step, prev_mono = self._step, self._step_mono
         if prev_step is not None and prev_mono is not None and step > prev_step:
             per_step = (mono - prev_mono) / (step - prev_step)
             if len(self._durations) == MAX_QUEUED_DURATIONS:
                 self._health.dropped("values")
             self._durations.append(per_step)
-            every = self._trace_every
-            if every and (step % every == 0) and prev_wall_ns is not None:
-                self.step_records.append(StepRecord(step, prev_wall_ns, wall_ns, values))
-        self._step, self._step_mono, self._step_wall_ns = step, mono, wall_ns
+        self._step, self._step_mono = step, mono
+        on_step = self.on_step
+        if on_step is not None:
+            on_step(step, mono, values)
 
     # ------------------------------------------------------------------ slow paths
     def _normalize_step(self, step: Any) -> int:

@@ -32,9 +32,7 @@ def setup():
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     clock = FakeClock()
     health = TelemetryHealth()
-    tm = TrainingMetrics(
-        provider.get_meter("test"), ATTRS, window=4, trace_every=2, health=health, wall=clock, mono=clock
-    )
+    tm = TrainingMetrics(provider.get_meter("test"), ATTRS, window=4, health=health, wall=clock, mono=clock)
     yield tm, reader, clock, health
     provider.shutdown()
 
@@ -175,15 +173,15 @@ def test_unusable_step_counts_up_with_one_warning(setup, caplog):
     assert caplog.text.count("step 'x' unusable") == 1
 
 
-def test_traced_steps_are_recorded_with_bounds_and_values(setup):
+def test_every_step_change_is_reported_with_its_values(setup):
     tm, _, clock, _ = setup
-    for step in range(5):
-        tm.log(step, {"loss": float(step)})
-        clock.now += 1.0
-    records = list(tm.step_records)
-    assert [r.step for r in records] == [2, 4]
-    assert records[0].end_ns - records[0].start_ns == 1_000_000_000
-    assert records[0].values == {"loss": 2.0}
+    seen = []
+    tm.on_step = lambda step, mono, values: seen.append((step, mono, dict(values)))
+    tm.log(0, {"loss": 1.0})
+    clock.now += 1.0
+    tm.log(0, {"lr": 0.1})  # same step: no boundary
+    tm.log(1, {"loss": 0.5})
+    assert seen == [(0, 1000.0, {"loss": 1.0}), (1, 1001.0, {"loss": 0.5})]
 
 
 def test_learning_rate_alias_feeds_the_same_gauge(setup):

@@ -20,21 +20,38 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics.export import MetricsData
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from otel_ml._logging import logger, warn_once
 from otel_ml.health import TelemetryHealth
+from otel_ml.pipeline import MetricSources
 
 #: Seconds a client may take to send its request before the connection is dropped.
 REQUEST_TIMEOUT = 10.0
 
 
-def make_reader() -> tuple[PrometheusMetricReader, CollectorRegistry]:
-    """A Prometheus reader on a private registry, without scope labels (fewer, clearer series)."""
+class _Reader(PrometheusMetricReader):
+    def __init__(self, registry: CollectorRegistry, sources: MetricSources | None) -> None:
+        super().__init__(scope_info_enabled=False, registry=registry)
+        self._sources = sources
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        if self._sources is not None:
+            metrics_data = self._sources.augment(metrics_data)
+        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
+
+
+def make_reader(sources: MetricSources | None = None) -> tuple[PrometheusMetricReader, CollectorRegistry]:
+    """A Prometheus reader on a private registry, without scope labels (fewer, clearer series).
+
+    ``sources`` adds the metrics otel_ml aggregates itself to every scrape.
+    """
     registry = CollectorRegistry(auto_describe=False)
-    reader = PrometheusMetricReader(scope_info_enabled=False, registry=registry)
-    return reader, registry
+    return _Reader(registry, sources), registry
 
 
 class _Handler(BaseHTTPRequestHandler):

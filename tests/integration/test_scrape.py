@@ -23,9 +23,14 @@ TRAINER = textwrap.dedent(
     import otel_ml
     t = otel_ml.init(service_name="scrape-test")
     for step in range(30):
+        with otel_ml.span("forward"):
+            with otel_ml.span("encoder"):
+                time.sleep(0.003)
+        with otel_ml.span("前向传播总耗时"):
+            pass
         otel_ml.log(step, loss=torch.tensor(2.0 / (step + 1)), lr=1e-3, grad_norm=0.5,
                     samples=8, tokens=512, kl=0.01, **{"reward/mean": 0.25})
-        time.sleep(0.005)
+        time.sleep(0.002)
     otel_ml.log(30, loss=float("nan"))
     print(json.dumps({"url": t.metrics_url, "port": t.port}), flush=True)
     sys.stdin.readline()  # stay up until the test is done scraping
@@ -33,8 +38,10 @@ TRAINER = textwrap.dedent(
     """
 )
 
-#: Series every CPU run must expose (GPU memory is documented as absent without CUDA).
-EXPECTED = [s for s in semconv.METRICS if not s.name.startswith("otel_ml_gpu_")]
+#: Series every CPU run must expose (GPU memory and CUDA host time are absent without CUDA).
+EXPECTED = [
+    s for s in semconv.METRICS if not s.name.startswith("otel_ml_gpu_") and s is not semconv.SPAN_HOST
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +94,7 @@ def test_every_documented_series_is_exposed_with_rank_and_run_id(trainer):
             for label in spec.labels:
                 assert label in labels, (name, label)
     assert "otel_ml_gpu_memory_allocated_bytes" not in samples  # no CUDA here
+    assert "otel_ml_span_host_seconds_total" not in samples
 
 
 def test_values_match_what_was_logged(trainer):
@@ -108,6 +116,14 @@ def test_values_match_what_was_logged(trainer):
     assert one("otel_ml_reward_mean") == 0.25
     assert one("otel_ml_step_duration_seconds_count") == 30
     assert one("otel_ml_samples_per_second") > 0
+    assert one("otel_ml_span_duration_seconds_count", path="forward/encoder") == 30
+    assert one("otel_ml_span_duration_seconds_count", path="前向传播总耗时") == 30
+    assert one("otel_ml_span_duration_seconds_bucket", path="forward/encoder", le="0.0025") == 0  # slept 3 ms
+    assert one("otel_ml_span_duration_seconds_sum", path="forward/encoder") >= 30 * 0.003
+    assert one("otel_ml_span_self_seconds_total", path="forward") < one(
+        "otel_ml_span_self_seconds_total", path="forward/encoder"
+    )
+    assert one("otel_ml_traced_steps_total", reason="every") == 1  # step 0 (trace_every 100)
     assert 'run_id="scrape-run"' in _scrape(info["url"])
 
 

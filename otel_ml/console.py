@@ -1,0 +1,83 @@
+"""Terminal output that shares the screen with tqdm: in place on a terminal, plain lines elsewhere.
+
+On a terminal, :class:`Console` redraws its block of lines in place (cursor up, clear, redraw).
+When tqdm bars are on screen it draws inside ``tqdm.external_write_mode``, which clears the bars
+first and redraws them below, so the two never fight. When the stream is not a terminal (CI,
+log files) it writes one compact line per refresh instead.
+
+Example::
+
+    console = Console()
+    console.show(["top paths", "forward ███ 4.1 ms 45%"], "top paths: forward 45%")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from typing import TextIO
+
+_CLEAR_LINE = "\x1b[2K"
+
+
+def _cursor_up(lines: int) -> str:
+    return f"\x1b[{lines}F" if lines else ""
+
+
+class Console:
+    """Draws a block of lines in place, or prints a line per refresh when not on a terminal.
+
+    Example::
+
+        Console(sys.stderr).show(["a", "b"], "a b")
+    """
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None) -> None:
+        self.stream = stream or sys.stdout
+        if tty is None:
+            isatty = getattr(self.stream, "isatty", None)
+            tty = bool(isatty and isatty())
+        self.tty = tty
+        self._drawn = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _around_bars(self) -> Iterator[None]:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            yield
+            return
+        if getattr(tqdm, "_instances", None):
+            with tqdm.external_write_mode(file=self.stream):
+                yield
+        else:
+            yield
+
+    def show(self, lines: list[str], line: str) -> None:
+        """Redraw ``lines`` in place (terminal) or write ``line`` (anything else)."""
+        with self._lock:
+            try:
+                if not self.tty:
+                    self.stream.write(line + "\n")
+                else:
+                    with self._around_bars():
+                        text = _cursor_up(self._drawn) + "".join(f"{_CLEAR_LINE}{ln}\n" for ln in lines)
+                        self.stream.write(text)
+                        self._drawn = len(lines)
+                self.stream.flush()
+            except (OSError, ValueError):  # closed or broken stream: the display is optional
+                pass
+
+    def write(self, text: str) -> None:
+        """Print text once, below whatever was drawn (bars are redrawn after it)."""
+        with self._lock:
+            try:
+                with self._around_bars():
+                    self.stream.write(text if text.endswith("\n") else text + "\n")
+                    self._drawn = 0
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass

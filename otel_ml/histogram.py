@@ -1,0 +1,105 @@
+"""Explicit-bucket histograms aggregated by otel_ml itself, exported as OTel histogram metrics.
+
+The OTel SDK's ``Histogram.record`` costs about 7 µs per observation here. Region timings
+arrive by the thousand per second, so they are aggregated in plain Python on the export thread
+(a bisect and two additions, well under a microsecond) and handed to the readers as a finished
+cumulative OTel ``Metric`` at collection time (see :meth:`otel_ml.pipeline.Pipeline.add_metric_source`).
+Prometheus and OTLP then see an ordinary histogram.
+
+Example::
+
+    hist = LabeledHistograms((0.001, 0.01, 0.1))
+    hist.observe(("forward",), 0.004)
+    metric = hist.to_metric("otel_ml_span_duration_seconds", "s", "...", ("path",), {"rank": "0"})
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
+
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+)
+
+
+class _Series:
+    __slots__ = ("counts", "max", "min", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+
+class LabeledHistograms:
+    """Cumulative explicit-bucket histograms keyed by a tuple of label values (thread-safe).
+
+    Bucket ``i`` counts values ``v`` with ``bounds[i-1] < v <= bounds[i]``, as in OTel and
+    Prometheus; the last bucket is ``+Inf``.
+
+    Example::
+
+        h = LabeledHistograms((1.0, 2.0))
+        h.observe(("a",), 1.5)
+        h.snapshot()[("a",)]  # ([0, 1, 0], 1.5, 1.5, 1.5)
+    """
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self._series: dict[tuple[str, ...], _Series] = {}
+        self._lock = threading.Lock()
+        self.start_ns = time.time_ns()
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(len(self.bounds) + 1)
+            series.counts[bisect_left(self.bounds, value)] += 1
+            series.sum += value
+            if value < series.min:
+                series.min = value
+            if value > series.max:
+                series.max = value
+
+    def snapshot(self) -> dict[tuple[str, ...], tuple[list[int], float, float, float]]:
+        """{key: (bucket counts, sum, min, max)}, a consistent copy."""
+        with self._lock:
+            return {k: (list(s.counts), s.sum, s.min, s.max) for k, s in self._series.items()}
+
+    def to_metric(
+        self,
+        name: str,
+        unit: str,
+        description: str,
+        label_names: Sequence[str],
+        attributes: Mapping[str, str],
+    ) -> Metric | None:
+        """The cumulative OTel histogram metric, or None when nothing was observed yet."""
+        snapshot = self.snapshot()
+        if not snapshot:
+            return None
+        now = time.time_ns()
+        points = [
+            HistogramDataPoint(
+                attributes={**attributes, **dict(zip(label_names, key, strict=True))},
+                start_time_unix_nano=self.start_ns,
+                time_unix_nano=now,
+                count=sum(counts),
+                sum=total,
+                bucket_counts=counts,
+                explicit_bounds=self.bounds,
+                min=low,
+                max=high,
+            )
+            for key, (counts, total, low, high) in snapshot.items()
+        ]
+        data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+        return Metric(name=name, description=description, unit=unit, data=data)

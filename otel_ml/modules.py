@@ -1,0 +1,281 @@
+"""``trace_modules(model, depth=2)``: time every ``nn.Module`` up to a depth, forward and backward.
+
+Forward: a pre-hook opens the module's region and a forward hook (``always_call=True``, so it
+also runs when forward raises) closes it; regions nest like the modules, under whatever
+``otel_ml.span`` is open (``forward/model/encoder/layers.0``).
+
+Backward: full module backward hooks wrap outputs in a custom autograd Function, which makes a
+later in-place op on them (``ReLU(inplace=True)``) raise, so they could break training. Instead,
+the forward hook registers hooks on autograd nodes: the module's backward region opens when the
+node that produced its output starts (``grad_fn`` pre-hook) and closes when gradients reach the
+nodes that produced its inputs (their pre-hooks); when no input needs a gradient, when the
+output node finishes (a leaf module) or when the backward pass ends (a module with traced
+children). Backward regions nest by module tree under ``<root>.backward``, which itself nests
+under the region open on the thread running backward (``backward/model.backward/encoder`` when
+``loss.backward()`` runs inside ``otel_ml.span("backward")`` on CPU; CUDA autograd runs on its
+own threads, where the path starts at ``model.backward``).
+
+The hooks add a few microseconds per module call; ``every=N`` times modules only on every Nth
+step (the hooks return at once on other steps).
+
+Example::
+
+    handle = otel_ml.trace_modules(model, depth=2)
+    ...
+    handle.remove()
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from otel_ml import timing
+from otel_ml.paths import PathNode, split
+from otel_ml.timing import END, EV_END, EV_START, NODE, PARENT, START, Region
+
+
+def _tensors(value: Any, limit: int = 8) -> Iterator[Any]:
+    """Tensors in a module's inputs/outputs (tensors, tuples, lists, dict values), at most ``limit``."""
+    stack = [value]
+    found = 0
+    while stack and found < limit:
+        item = stack.pop()
+        if hasattr(item, "grad_fn") and hasattr(item, "requires_grad"):
+            found += 1
+            yield item
+        elif isinstance(item, (tuple, list)):
+            stack.extend(reversed(item))
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+
+
+def _queue_end_of_backward(callback: Any) -> None:
+    import torch
+
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+class _Backward:
+    """One module call's backward region, opened and closed from autograd node hooks."""
+
+    __slots__ = ("end_with_pass", "entry", "module")
+
+    def __init__(self, module: _TracedModule, end_with_pass: bool = False) -> None:
+        self.module = module
+        self.entry: list | None = None
+        self.end_with_pass = end_with_pass
+
+    def start(self, *_: Any) -> None:
+        if self.entry is None:
+            self.entry = self.module.open_backward()
+            if self.end_with_pass and self.entry is not None:
+                _queue_end_of_backward(self.stop)
+
+    def stop(self, *_: Any) -> None:
+        entry, self.entry = self.entry, None
+        if entry is not None and entry[END] is None:
+            self.module.close_backward(entry)
+
+
+class _NodeStarts:
+    """The one pre-hook otel_ml puts on an autograd node: starts regions outer module first.
+
+    Nested modules often share their output node (a Sequential returns its last layer's
+    output). Forward hooks run inner module first, so the outer module's start is put in front.
+    """
+
+    __slots__ = ("starts",)
+
+    def __init__(self) -> None:
+        self.starts: list[_Backward] = []
+
+    def __call__(self, *_: Any) -> None:
+        for backward in self.starts:
+            backward.start()
+
+
+class _TracedModule:
+    def __init__(self, tracer: ModuleTracer, name: str, parent: _TracedModule | None) -> None:
+        self.tracer = tracer
+        self.parent = parent
+        self.level = 0 if parent is None else parent.level + 1
+        self.has_children = False
+        if parent is not None:
+            parent.has_children = True
+        self.region = Region(name)
+        self.backward_parts = split(name if parent is not None else f"{name}.backward")
+        self._backward_node: tuple[Any, PathNode] | None = None
+        self.open_entries: list[list] = []  # open backward entries, innermost last
+        self.lock = threading.Lock()
+
+    # forward -----------------------------------------------------------
+    def pre(self, module: Any, args: Any) -> None:
+        if self.tracer.active:
+            self.region.__enter__()
+
+    def post(self, module: Any, args: Any, output: Any) -> None:
+        if not self.tracer.active:
+            return
+        self.region.__exit__(None, None, None)
+        rec = timing._recorder
+        if self.tracer.backward and rec is not None and rec.enabled and not rec.is_compiling():
+            self._hook_backward(args, output)
+
+    def _hook_backward(self, args: Any, output: Any) -> None:
+        outs = [t for t in _tensors(output) if t.grad_fn is not None]
+        if not outs:
+            return
+        if len(self.tracer.node_starts) > 100_000:  # no step boundaries: do not grow forever
+            self.tracer.node_starts = {}
+        ins = [t.grad_fn for t in _tensors(args) if t.requires_grad and t.grad_fn is not None]
+        # Without inputs that need gradients (the model's root, an embedding), a module's
+        # backward ends when its output node finishes (a leaf module) or when the backward
+        # pass ends (a module with traced children, which run after its output node).
+        backward = _Backward(self, end_with_pass=not ins and self.has_children)
+        seen = set()
+        starts = self.tracer.node_starts
+        for tensor in outs:
+            node = tensor.grad_fn
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            known = starts.get(id(node))
+            if known is None or known[0] is not node:
+                known = starts[id(node)] = (node, _NodeStarts())
+                node.register_prehook(known[1])
+            known[1].starts.insert(0, backward)
+            if not ins and not self.has_children:
+                node.register_hook(backward.stop)
+        for node in ins:
+            node.register_prehook(backward.stop)
+
+    # backward ----------------------------------------------------------
+    def _node(self, rec: Any, parent: list | None) -> PathNode:
+        parent_node = parent[NODE] if parent is not None else rec.tree.root
+        cached = self._backward_node
+        if cached is not None and cached[0] is parent_node:
+            return cached[1]
+        node = rec.tree.resolve(parent_node, self.backward_parts)
+        self._backward_node = (parent_node, node)
+        return node
+
+    def open_backward(self) -> list | None:
+        rec = timing._recorder
+        if rec is None or not rec.enabled:
+            return None
+        parent = None
+        if self.parent is not None:
+            with self.parent.lock:
+                if self.parent.open_entries:
+                    parent = self.parent.open_entries[-1]
+        if parent is None:
+            # The outermost module: nest under the caller's open region when backward runs on
+            # the calling thread (CPU autograd), e.g. otel_ml.span("backward") around it.
+            parent = timing._get()
+            while parent is not None and parent[END] is not None:
+                parent = parent[PARENT]
+        entry = [self._node(rec, parent), 0, None, parent, None, None, self.region, None, None, 0.0, None]
+        if rec.events is not None:
+            entry[EV_START] = rec.events.record()
+        entry[START] = rec.clock()
+        with self.lock:
+            self.open_entries.append(entry)
+        return entry
+
+    def close_backward(self, entry: list) -> None:
+        rec = timing._recorder
+        if rec is None:
+            return
+        entry[END] = rec.clock()
+        if rec.events is not None and entry[EV_START] is not None:
+            entry[EV_END] = rec.events.record()
+        with self.lock:
+            if entry in self.open_entries:
+                self.open_entries.remove(entry)
+        rec.finish(entry)
+
+
+class ModuleTracer:
+    """Hooks installed by :func:`trace_modules`; ``remove()`` takes them all off.
+
+    Example::
+
+        tracer = trace_modules(model, depth=1)
+        tracer.paths()  # ['TinyLM', 'TinyLM/encoder', ...]
+    """
+
+    def __init__(self, backward: bool, every: int) -> None:
+        self.backward = backward
+        self.every = max(1, every)
+        self.active = True
+        self.handles: list[Any] = []
+        self.modules: dict[str, _TracedModule] = {}
+        #: Output nodes of this step's forward, by id (the node is kept so the id stays unique).
+        self.node_starts: dict[int, tuple[Any, _NodeStarts]] = {}
+        self._steps = 0
+
+    def on_step(self) -> None:
+        """Called at each step boundary: forget the step's nodes; time every ``every``-th step."""
+        self.node_starts = {}
+        self._steps += 1
+        self.active = self._steps % self.every == 0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        _tracers.discard(self)
+
+    def paths(self) -> list[str]:
+        """Module names in hook order (qualified, ``.``-separated as in ``named_modules``)."""
+        return list(self.modules)
+
+
+_tracers: set[ModuleTracer] = set()
+#: Module classes that are never called themselves; their children take their name as a prefix.
+_CONTAINERS = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
+
+
+def trace_modules(
+    model: Any, depth: int | None = 2, *, backward: bool = True, every: int = 1, name: str | None = None
+) -> ModuleTracer:
+    """Time ``model`` and its submodules down to ``depth`` levels (None: all), forward and backward.
+
+    The root region is named ``name`` (default: the model's class name); submodules use their
+    attribute names, so paths look like ``TinyLM/encoder/layers.0``. No-op under
+    ``torch.compile`` tracing and before ``init()`` (the hooks stay, and start timing after it).
+
+    Example::
+
+        otel_ml.trace_modules(model, depth=2)
+    """
+    tracer = ModuleTracer(backward, every)
+    tracer.active = every <= 1
+    root_name = name or type(model).__name__
+    traced: dict[str, _TracedModule] = {}
+    for qualified, module in model.named_modules():
+        if qualified and type(module).__name__ in _CONTAINERS:
+            continue  # never called itself: its children are named "layers.0" under the caller
+        parent_name = qualified.rpartition(".")[0] if qualified else ""
+        while parent_name and parent_name not in traced:
+            parent_name = parent_name.rpartition(".")[0]
+        parent = traced.get(parent_name) if qualified else None
+        level = 0 if parent is None else parent.level + 1
+        if depth is not None and level > depth:
+            continue
+        local = qualified[len(parent_name) + 1 :] if parent_name else qualified
+        item = _TracedModule(tracer, local if qualified else root_name, parent)
+        traced[qualified] = item
+        tracer.modules[qualified or root_name] = item
+        tracer.handles.append(module.register_forward_pre_hook(item.pre))
+        tracer.handles.append(module.register_forward_hook(item.post, always_call=True))
+    _tracers.add(tracer)
+    return tracer
+
+
+def step_boundary() -> None:
+    """Tell every module tracer a step ended (``every=N`` sampling)."""
+    for tracer in tuple(_tracers):
+        tracer.on_step()

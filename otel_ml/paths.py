@@ -1,0 +1,102 @@
+"""The tree of region paths (``forward/encoder/attention``), with a cap on how many exist.
+
+Nesting and explicit paths build the same tree: ``span("forward")`` around ``span("encoder")``
+and a bare ``span("forward/encoder")`` both resolve to the node ``forward/encoder``. Names may be
+any Unicode. Each distinct path becomes a ``path`` label value, so the number of nodes is capped;
+past the cap every new path resolves to the ``(overflow)`` node, with one warning.
+
+Example::
+
+    tree = PathTree(max_paths=100)
+    node = tree.resolve(tree.root, ("forward", "encoder"))
+    node.path  # 'forward/encoder'
+"""
+
+from __future__ import annotations
+
+import threading
+
+from otel_ml import names
+from otel_ml._logging import warn_once
+
+OVERFLOW = "(overflow)"
+SEPARATOR = "/"
+
+
+class PathNode:
+    """One region path; ``label`` is the bounded-length value of the ``path`` label."""
+
+    __slots__ = ("children", "depth", "label", "name", "parent", "path")
+
+    def __init__(self, name: str, parent: PathNode | None) -> None:
+        self.name = name
+        self.parent = parent
+        self.depth = 0 if parent is None else parent.depth + 1
+        self.path = name if parent is None or not parent.path else parent.path + SEPARATOR + name
+        self.label = names.label_value(self.path)
+        self.children: dict[str, PathNode] = {}
+
+    def __repr__(self) -> str:
+        return f"PathNode({self.path!r})"
+
+
+def split(name: str) -> tuple[str, ...]:
+    """Path parts of a region name; empty parts are dropped, an empty name becomes ``(unnamed)``."""
+    parts = tuple(part.strip() for part in str(name).split(SEPARATOR) if part.strip())
+    return parts or ("(unnamed)",)
+
+
+class PathTree:
+    """Thread-safe path tree: lookups are lock-free dict reads, creation takes a lock.
+
+    Example::
+
+        tree = PathTree()
+        tree.resolve(tree.root, split("data/collate")).path  # 'data/collate'
+    """
+
+    def __init__(self, max_paths: int = 256) -> None:
+        self.root = PathNode("", None)
+        self.overflow = PathNode(OVERFLOW, self.root)
+        self.max_paths = max_paths
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def resolve(self, parent: PathNode, parts: tuple[str, ...]) -> PathNode:
+        node = parent
+        for part in parts:
+            if node is self.overflow:
+                return node
+            child = node.children.get(part)
+            node = child if child is not None else self._create(node, part)
+        return node
+
+    def _create(self, parent: PathNode, name: str) -> PathNode:
+        with self._lock:
+            existing = parent.children.get(name)
+            if existing is not None:
+                return existing
+            if self.count >= self.max_paths:
+                warn_once(
+                    "max-paths",
+                    "otel_ml: more than %d distinct span paths; %r and later new paths are counted "
+                    "under %r (raise OTEL_ML_MAX_SPAN_PATHS if this is intended)",
+                    self.max_paths,
+                    f"{parent.path}/{name}" if parent.path else name,
+                    OVERFLOW,
+                )
+                return self.overflow
+            node = PathNode(name, parent)
+            parent.children[name] = node
+            self.count += 1
+            return node
+
+    def walk(self) -> list[PathNode]:
+        """All nodes below the root, depth first, siblings in creation order."""
+        out: list[PathNode] = []
+        stack = list(reversed(self.root.children.values()))
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(reversed(node.children.values()))
+        return out

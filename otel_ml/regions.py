@@ -1,0 +1,265 @@
+"""Export-thread side of region timing: statistics, histograms, sampled traces.
+
+:class:`Aggregator` drains the regions the training thread finished (:mod:`otel_ml.timing`),
+in the order they finished, resolving CUDA events a few steps behind when there are any. Each
+region feeds its path's statistics and duration histogram; its duration is added to its
+parent's child time, which gives self time. Step windows (between step boundaries) decide
+sampling: every Nth step and every slow step (:class:`otel_ml.sampling.TraceSampler`) get real
+OTel spans built with the regions' original timestamps: a root ``otel_ml.step`` span per step and
+one span per region, with the parent/child structure of the nesting.
+
+Example::
+
+    agg = Aggregator(recorder, tracer, {"rank": "0", "run_id": "r"}, sampler=TraceSampler(every=10))
+    agg.process()                      # called by the pump thread and before each collection
+    agg.summary_rows()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics.export import Metric
+from opentelemetry.trace import Status, StatusCode, Tracer
+
+from otel_ml import semconv
+from otel_ml.histogram import LabeledHistograms
+from otel_ml.paths import PathNode
+from otel_ml.sampling import EVERY, SLOW, TraceSampler
+from otel_ml.summary import PathStats, SummaryRow, build_summary
+from otel_ml.timing import CHILD, END, ERROR, EV_END, EV_START, GPU, NODE, PARENT, START, Recorder
+
+#: Finished regions kept while waiting for their step's sampling decision.
+MAX_OPEN = 1 << 16
+
+
+class Aggregator:
+    """Aggregates finished regions and emits spans for sampled steps (see module docstring).
+
+    ``on_window(step, duration_s)`` callbacks run after each closed step (live table).
+
+    Example::
+
+        agg = Aggregator(Recorder(), tracer, {"rank": "0", "run_id": "r"})
+    """
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        tracer: Tracer,
+        labels: Mapping[str, str],
+        *,
+        span_attributes: Mapping[str, Any] | None = None,
+        sampler: TraceSampler | None = None,
+        wall_offset_ns: int | None = None,
+    ) -> None:
+        self.recorder = recorder
+        self._tracer = tracer
+        self._labels = dict(labels)
+        self._span_attributes = dict(span_attributes or {})
+        self.sampler = sampler or TraceSampler()
+        self._wall_offset = (
+            time.time_ns() - time.perf_counter_ns() if wall_offset_ns is None else wall_offset_ns
+        )
+        self.stats: dict[PathNode, PathStats] = {}
+        self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS)
+        self.traced = {EVERY: 0, SLOW: 0}
+        self.steps = 0
+        self.step_time = 0.0
+        self.on_window: list[Callable[[int | None, float], None]] = []
+        self._open: deque[list] = deque(maxlen=MAX_OPEN)
+        self._window_start = recorder.started_ns
+        self._lock = threading.RLock()  # on_window callbacks read the stats while processing
+
+    # ------------------------------------------------------------------ draining
+    def process(self) -> None:
+        """Drain finished regions and closed steps (safe from any thread; serialised)."""
+        with self._lock:
+            self._drain_finished()
+            self._drain_boundaries()
+
+    def _drain_finished(self) -> None:
+        finished = self.recorder.finished
+        events = self.recorder.events
+        while finished:
+            entry = finished[0]
+            gpu = None
+            start_event, end_event = entry[EV_START], entry[EV_END]
+            if start_event is not None and end_event is not None and events is not None:
+                if not events.ready(end_event):
+                    break  # the GPU is not there yet: later regions wait too, keeping order
+                gpu = events.elapsed_ms(start_event, end_event) / 1e3
+                events.release(start_event, end_event)
+                entry[EV_START] = entry[EV_END] = None
+            finished.popleft()
+            self._account(entry, gpu)
+
+    def _account(self, entry: list, gpu: float | None) -> None:
+        host = (entry[END] - entry[START]) / 1e9
+        duration = gpu if gpu is not None else host
+        entry[GPU] = gpu
+        parent = entry[PARENT]
+        if parent is not None:
+            parent[CHILD] += duration
+        node: PathNode = entry[NODE]
+        stats = self.stats.get(node)
+        if stats is None:
+            stats = self.stats[node] = PathStats(seed=len(self.stats))
+        stats.add(duration, max(0.0, duration - entry[CHILD]), host, gpu is not None)
+        self.histograms.observe((node.label,), duration)
+        self._open.append(entry)
+
+    def _drain_boundaries(self) -> None:
+        boundaries = self.recorder.boundaries
+        finished = self.recorder.finished
+        while boundaries:
+            step, end_ns, values = boundaries[0]
+            if finished and finished[0][END] <= end_ns:
+                return  # regions of this step still wait for their GPU events
+            boundaries.popleft()
+            start_ns, self._window_start = self._window_start, end_ns
+            duration = (end_ns - start_ns) / 1e9
+            if duration < 0:
+                continue
+            self.steps += 1
+            self.step_time += duration
+            inside = [e for e in self._open if e[START] < end_ns]
+            if inside:
+                keep = [e for e in self._open if e[START] >= end_ns]
+                self._open.clear()
+                self._open.extend(keep)
+            reason = self.sampler.decide(step, duration)
+            if reason is not None:
+                self.traced[reason] += 1
+                self._emit(step, start_ns, end_ns, values or {}, reason, inside)
+            for callback in self.on_window:
+                callback(step, duration)
+
+    # ------------------------------------------------------------------ spans
+    def _emit(
+        self,
+        step: int | None,
+        start_ns: int,
+        end_ns: int,
+        values: Mapping[str, Any],
+        reason: str,
+        entries: list,
+    ) -> None:
+        wall = self._wall_offset
+        attributes = {**self._span_attributes, semconv.ATTR_SAMPLED_BY: reason}
+        if step is not None:
+            attributes[semconv.ATTR_STEP] = step
+        for key, value in values.items():
+            if value.__class__ in (float, int) and value == value:
+                attributes[semconv.ATTR_VALUE_PREFIX + str(key)] = value
+        root = self._tracer.start_span(semconv.SPAN_STEP, start_time=start_ns + wall, attributes=attributes)
+        root_context = trace.set_span_in_context(root)
+        spans: dict[int, Any] = {}
+        for entry in sorted(entries, key=lambda e: e[START]):
+            parent = entry[PARENT]
+            parent_span = spans.get(id(parent)) if parent is not None else None
+            context = trace.set_span_in_context(parent_span) if parent_span is not None else root_context
+            node: PathNode = entry[NODE]
+            span_attributes: dict[str, Any] = {semconv.ATTR_PATH: node.path}
+            if entry[GPU] is not None:
+                span_attributes[semconv.ATTR_GPU_MS] = entry[GPU] * 1e3
+                span_attributes[semconv.ATTR_HOST_MS] = (entry[END] - entry[START]) / 1e6
+            span = self._tracer.start_span(
+                node.name, context=context, start_time=entry[START] + wall, attributes=span_attributes
+            )
+            if entry[ERROR] is not None:
+                name = getattr(entry[ERROR], "__name__", str(entry[ERROR]))
+                span.set_attribute("exception.type", name)
+                span.set_status(Status(StatusCode.ERROR, name))
+            spans[id(entry)] = span
+        for entry in entries:
+            spans[id(entry)].end(end_time=entry[END] + wall)
+        root.end(end_time=end_ns + wall)
+
+    # ------------------------------------------------------------------ outputs
+    def metrics(self) -> Iterable[Metric]:
+        """The span-duration histogram, for :class:`otel_ml.pipeline.MetricSources`."""
+        self.process()
+        spec = semconv.SPAN_DURATION
+        metric = self.histograms.to_metric(
+            spec.name, spec.unit, spec.description, (semconv.LABEL_PATH,), self._labels
+        )
+        return [] if metric is None else [metric]
+
+    def register(self, meter: Meter) -> None:
+        """Observable counters: self seconds and host seconds per path, traced steps per reason."""
+        labels = self._labels
+
+        def self_seconds(_: CallbackOptions) -> Iterable[Observation]:
+            self.process()
+            with self._lock:
+                items = [(n.label, s.self_total) for n, s in self.stats.items()]
+            return [Observation(v, {**labels, semconv.LABEL_PATH: p}) for p, v in items]
+
+        def host_seconds(_: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                items = [(n.label, s.host_total) for n, s in self.stats.items() if s.gpu_count]
+            return [Observation(v, {**labels, semconv.LABEL_PATH: p}) for p, v in items]
+
+        def traced(_: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                items = list(self.traced.items())
+            return [Observation(n, {**labels, semconv.LABEL_REASON: r}) for r, n in items]
+
+        for spec, callback in (
+            (semconv.SPAN_SELF, self_seconds),
+            (semconv.SPAN_HOST, host_seconds),
+            (semconv.TRACED_STEPS, traced),
+        ):
+            meter.create_observable_counter(spec.name, [callback], spec.unit, spec.description)
+
+    def summary_rows(self) -> list[SummaryRow]:
+        with self._lock:
+            return build_summary(dict(self.stats), self.step_time, self.steps)
+
+    def self_totals(self) -> dict[str, float]:
+        """Cumulative self time per path (seconds), for the live table."""
+        with self._lock:
+            return {n.path: s.self_total for n, s in self.stats.items()}
+
+
+class TimingTable:
+    """Every ``every`` closed steps, show the top paths by self time since the last refresh.
+
+    Example::
+
+        agg.on_window.append(TimingTable(agg, Console(), every=50, top=10))
+    """
+
+    def __init__(self, aggregator: Aggregator, console: Any, every: int = 50, top: int = 10) -> None:
+        self._agg = aggregator
+        self._console = console
+        self._every = every
+        self._top = top
+        self._steps = 0
+        self._elapsed = 0.0
+        self._last: dict[str, float] = {}
+
+    def __call__(self, step: int | None, duration: float) -> None:
+        self._steps += 1
+        self._elapsed += duration
+        if self._steps < self._every or self._elapsed <= 0:
+            return
+        from otel_ml.summary import render_line, render_table
+
+        totals = self._agg.self_totals()
+        shares = []
+        for path, total in totals.items():
+            delta = total - self._last.get(path, 0.0)
+            if delta > 0:
+                shares.append((path, 1e3 * delta / self._steps, 100.0 * delta / self._elapsed))
+        per_step = 1e3 * self._elapsed / self._steps
+        title = f"otel_ml timing: last {self._steps} steps (to step {step}), {per_step:.2f} ms/step"
+        self._console.show(render_table(shares, title, self._top), render_line(shares, title, self._top))
+        self._last, self._steps, self._elapsed = totals, 0, 0.0

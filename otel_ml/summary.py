@@ -1,0 +1,175 @@
+"""Per-path timing statistics, the end-of-run summary and the live top-N table (pure).
+
+:class:`PathStats` accumulates one path's durations: count, total, self time, min, max exactly,
+and a bounded reservoir for percentiles (exact while a path has at most ``RESERVOIR`` samples,
+a uniform random sample after that). :func:`build_summary` turns the stats into rows;
+:func:`render_text` indents them by hierarchy and :func:`render_table` draws the live view.
+
+Example::
+
+    stats = PathStats()
+    stats.add(0.004, self_time=0.001, host=0.004)
+    rows = build_summary({node: stats}, step_time=0.01, steps=1)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: Samples kept per path for percentiles.
+RESERVOIR = 4096
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (NumPy's default) of already sorted values; q in [0, 100]."""
+    if not sorted_values:
+        return math.nan
+    position = (len(sorted_values) - 1) * q / 100.0
+    low = math.floor(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+class PathStats:
+    """Running statistics of one path (seconds).
+
+    Example::
+
+        s = PathStats(); s.add(1.0, 0.5, 1.0); s.count  # 1
+    """
+
+    __slots__ = ("_rng", "count", "gpu_count", "host_total", "max", "min", "samples", "self_total", "total")
+
+    def __init__(self, seed: int = 0) -> None:
+        self.count = 0
+        self.gpu_count = 0
+        self.total = 0.0
+        self.self_total = 0.0
+        self.host_total = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+        self.samples: list[float] = []
+        self._rng = random.Random(seed)
+
+    def add(self, duration: float, self_time: float, host: float, gpu: bool = False) -> None:
+        self.count += 1
+        self.gpu_count += gpu
+        self.total += duration
+        self.self_total += self_time
+        self.host_total += host
+        if duration < self.min:
+            self.min = duration
+        if duration > self.max:
+            self.max = duration
+        if len(self.samples) < RESERVOIR:
+            self.samples.append(duration)
+        else:
+            slot = self._rng.randrange(self.count)
+            if slot < RESERVOIR:
+                self.samples[slot] = duration
+
+
+@dataclass
+class SummaryRow:
+    """One path of the summary; times in milliseconds, shares in percent of step time."""
+
+    path: str
+    name: str
+    depth: int
+    count: int
+    total_ms: float
+    self_ms: float
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    min_ms: float
+    max_ms: float
+    share_pct: float
+    self_share_pct: float
+    gpu_timed: bool
+
+
+def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) -> list[SummaryRow]:
+    """Rows in tree order (parents first, siblings by total time, largest first).
+
+    ``stats`` maps path nodes (anything with ``path``, ``name``, ``depth``, ``parent``) to stats;
+    ``step_time`` is the summed duration of all closed steps, the denominator of the shares.
+    """
+    by_parent: dict[Any, list[Any]] = {}
+    for node in stats:
+        by_parent.setdefault(node.parent, []).append(node)
+    known = set(stats)
+    roots = [n for n in stats if n.parent not in known]
+    rows: list[SummaryRow] = []
+
+    def visit(nodes: list[Any]) -> None:
+        for node in sorted(nodes, key=lambda n: -stats[n].total):
+            s = stats[node]
+            ordered = sorted(s.samples)
+            rows.append(
+                SummaryRow(
+                    path=node.path,
+                    name=node.name,
+                    depth=node.depth,
+                    count=s.count,
+                    total_ms=s.total * 1e3,
+                    self_ms=s.self_total * 1e3,
+                    mean_ms=s.total / s.count * 1e3 if s.count else 0.0,
+                    p50_ms=percentile(ordered, 50) * 1e3,
+                    p95_ms=percentile(ordered, 95) * 1e3,
+                    min_ms=s.min * 1e3,
+                    max_ms=s.max * 1e3,
+                    share_pct=100.0 * s.total / step_time if step_time > 0 else 0.0,
+                    self_share_pct=100.0 * s.self_total / step_time if step_time > 0 else 0.0,
+                    gpu_timed=s.gpu_count > 0,
+                )
+            )
+            visit(by_parent.get(node, []))
+
+    visit(roots)
+    return rows
+
+
+def summary_document(rows: list[SummaryRow], header: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON summary: run facts plus one object per path."""
+    return {**header, "paths": [asdict(r) for r in rows]}
+
+
+def render_text(rows: list[SummaryRow], title: str) -> str:
+    """A readable table, indented by hierarchy (two spaces per level)."""
+    width = max([len("path"), *(2 * (r.depth - 1) + len(r.name) for r in rows)]) + 2
+    head = (
+        f"{'path':<{width}}{'count':>8}{'mean ms':>11}{'p50 ms':>11}{'p95 ms':>11}"
+        f"{'min ms':>11}{'max ms':>11}{'share':>8}{'self':>8}"
+    )
+    lines = [title, head, "-" * len(head)]
+    for r in rows:
+        label = "  " * (r.depth - 1) + r.name
+        lines.append(
+            f"{label:<{width}}{r.count:>8}{r.mean_ms:>11.3f}{r.p50_ms:>11.3f}{r.p95_ms:>11.3f}"
+            f"{r.min_ms:>11.3f}{r.max_ms:>11.3f}{r.share_pct:>7.1f}%{r.self_share_pct:>7.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def render_table(
+    shares: Sequence[tuple[str, float, float]], title: str, top: int = 10, bar_width: int = 24
+) -> list[str]:
+    """Live top-N view: ``shares`` holds (path, ms per step, percent of step time)."""
+    ranked = sorted(shares, key=lambda item: -item[2])[:top]
+    width = max([len("path"), *(len(p) for p, _, _ in ranked)])
+    lines = [title]
+    for path, ms, pct in ranked:
+        filled = max(0, min(bar_width, round(bar_width * pct / 100.0)))
+        lines.append(f"{path:<{width}} {'█' * filled}{'·' * (bar_width - filled)} {ms:9.2f} ms {pct:5.1f}%")
+    return lines
+
+
+def render_line(shares: Sequence[tuple[str, float, float]], title: str, top: int = 5) -> str:
+    """The same view on one line, for logs and non-terminal output."""
+    ranked = sorted(shares, key=lambda item: -item[2])[:top]
+    return title + " " + " | ".join(f"{p} {ms:.2f}ms {pct:.1f}%" for p, ms, pct in ranked)

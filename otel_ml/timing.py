@@ -1,0 +1,276 @@
+"""``otel_ml.span(...)``: nested timed regions, cheap enough to leave on in production.
+
+A region on the training thread costs a context-variable read and write, a small list and two
+clock reads (well under a microsecond; see ``benchmarks/bench_span.py``). No OTel span is created
+here: finished regions go to a queue, and the export thread aggregates them into histograms and
+builds real spans, with the original timestamps, for the steps chosen for tracing
+(:mod:`otel_ml.regions`).
+
+Nesting uses a :class:`contextvars.ContextVar`, so each thread and each asyncio task has its own
+stack. When CUDA timing is on, each region also records two CUDA events; they are resolved later
+with ``event.query()`` off the training thread, never with ``synchronize()``.
+
+Example::
+
+    with otel_ml.span("forward"):
+        with otel_ml.span("encoder"):         # path "forward/encoder"
+            ...
+
+    @otel_ml.span("data/collate")
+    def collate(batch): ...
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+from otel_ml.paths import PathNode, PathTree, split
+
+# An entry is a list (the cheapest mutable record): these are its slots.
+NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU = range(11)
+
+_current: ContextVar[list | None] = ContextVar("otel_ml_region", default=None)
+# Bound methods fetched once: the hot path indexes entries by number (see the slot names above).
+_get = _current.get
+_set = _current.set
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Finished regions waiting for the export thread at most; more are dropped and counted.
+MAX_FINISHED = 1 << 18
+
+
+def _not_compiling() -> bool:
+    return False
+
+
+def _compiling_check() -> Callable[[], bool]:
+    torch = sys.modules.get("torch")
+    compiler = getattr(torch, "compiler", None)
+    return getattr(compiler, "is_compiling", _not_compiling)
+
+
+class Recorder:
+    """Hot-path state shared by every region of the process (one per ``init()``).
+
+    ``clock`` returns nanoseconds (``time.perf_counter_ns`` by default; tests pass a fake).
+    ``events`` is a CUDA event pool (or a stand-in) when GPU timing is on, else None.
+
+    Example::
+
+        recorder = Recorder(PathTree())
+        install(recorder)
+    """
+
+    def __init__(
+        self,
+        tree: PathTree | None = None,
+        *,
+        clock: Callable[[], int] = time.perf_counter_ns,
+        events: Any | None = None,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
+        self.tree = tree or PathTree()
+        self.clock = clock
+        self.events = events
+        self.enabled = True
+        self.explicit_steps = False
+        self.finished: deque[list] = deque()
+        self.boundaries: deque[tuple[int | None, int, Mapping[str, Any] | None]] = deque()
+        self.is_compiling = _compiling_check()
+        #: Called on the training thread at every step boundary (module sampling); keep them cheap.
+        self.on_boundary: list[Callable[[], None]] = []
+        self._on_drop = on_drop
+        self._lock = threading.Lock()
+        self.started_ns = clock()
+
+    def finish(self, entry: list) -> None:
+        finished = self.finished
+        if len(finished) >= MAX_FINISHED:
+            if self._on_drop is not None:
+                self._on_drop(1)
+            return
+        finished.append(entry)
+
+    def step_end(self, step: int | None = None, values: Mapping[str, Any] | None = None) -> None:
+        """Close the current step window explicitly (switches off the windows implied by log())."""
+        self.explicit_steps = True
+        self.boundaries.append((step, self.clock(), values))
+        for callback in self.on_boundary:
+            callback()
+
+    def implied_step_end(self, step: int, mono_seconds: float, values: Mapping[str, Any]) -> None:
+        """Called by ``log()`` when the step number changes, unless ``step_end()`` is in use."""
+        if not self.explicit_steps:
+            self.boundaries.append((step, int(mono_seconds * 1e9), values))
+            for callback in self.on_boundary:
+                callback()
+
+
+_recorder: Recorder | None = None
+
+
+def install(recorder: Recorder | None) -> None:
+    """Make ``recorder`` the process-wide one (``None`` turns every region into a no-op)."""
+    global _recorder
+    _recorder = recorder
+
+
+def installed() -> Recorder | None:
+    return _recorder
+
+
+class Region:
+    """A named region: context manager (sync and async) and decorator. Get one with :func:`span`.
+
+    The object holds no per-call state, so one instance serves every thread and nesting level.
+
+    Example::
+
+        fwd = otel_ml.span("forward")
+        with fwd:
+            ...
+    """
+
+    __slots__ = ("_cache", "_parts", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._parts = split(name)
+        self._cache: tuple[PathNode | None, PathNode | None] = (None, None)
+
+    def __enter__(self) -> Region:
+        rec = _recorder
+        if rec is None or not rec.enabled or rec.is_compiling():
+            return self
+        parent = _get()
+        while parent is not None and parent[2] is not None:  # skip regions closed out of order
+            parent = parent[3]
+        parent_node = parent[0] if parent is not None else rec.tree.root
+        cache = self._cache  # one read: another thread may replace it at any time
+        if cache[0] is parent_node:
+            node = cache[1]
+        else:
+            node = rec.tree.resolve(parent_node, self._parts)
+            self._cache = (parent_node, node)
+        entry = [node, 0, None, parent, None, None, self, None, None, 0.0, None]
+        if rec.events is not None:
+            entry[7] = rec.events.record()
+        entry[4] = _set(entry)
+        entry[1] = rec.clock()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        entry = _get()
+        if entry is None:
+            return False
+        rec = _recorder
+        end = rec.clock() if rec is not None else time.perf_counter_ns()
+        if entry[6] is self and entry[2] is None:
+            entry[2] = end
+            try:
+                _current.reset(entry[4])
+            except ValueError:  # token from another context (a generator moved across tasks)
+                _set(entry[3])
+        else:
+            # Not on top: closed out of order (e.g. hooks); find our open entry further up.
+            entry = entry[3]
+            while entry is not None and (entry[6] is not self or entry[2] is not None):
+                entry = entry[3]
+            if entry is None:
+                return False  # __enter__ did nothing (disabled, compiling, or before init)
+            entry[2] = end
+        entry[4] = None
+        if exc_type is not None:
+            entry[5] = exc_type
+        if rec is not None:
+            if rec.events is not None and entry[7] is not None:
+                entry[8] = rec.events.record()
+            finished = rec.finished
+            if len(finished) < MAX_FINISHED:
+                finished.append(entry)
+            else:
+                rec.finish(entry)  # counts the drop
+        return False
+
+    async def __aenter__(self) -> Region:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+    def __call__(self, func: F) -> F:
+        """Decorate a function or coroutine function so every call is timed as this region."""
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with self:
+                    return await func(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"otel_ml.span({self.name!r})"
+
+
+_regions: dict[str, Region] = {}
+
+
+def span(name: str) -> Region:
+    """The region called ``name`` (``/`` separates path levels): use with ``with`` or as a decorator.
+
+    Regions nest: ``span("forward")`` around ``span("encoder")`` records ``forward/encoder``.
+    Before ``init()``, when disabled, and under ``torch.compile`` tracing it does nothing.
+
+    Example::
+
+        with otel_ml.span("前向传播总耗时"):
+            loss = model(batch)
+    """
+    region = _regions.get(name)
+    if region is None:
+        if len(_regions) > 10_000:  # names built from data: keep the cache bounded
+            _regions.clear()
+        region = _regions[name] = Region(name)
+    return region
+
+
+def step_end(step: int | None = None) -> None:
+    """Close the current step for timing and tracing.
+
+    ``otel_ml.log(step, ...)`` implies it whenever the step number changes; once ``step_end()``
+    is called, only explicit calls close steps. No-op before ``init()``.
+
+    Example::
+
+        for batch in loader:
+            with otel_ml.span("forward"): ...
+            otel_ml.step_end()
+    """
+    rec = _recorder
+    if rec is not None and rec.enabled:
+        rec.step_end(step)
+
+
+def current_path() -> str | None:
+    """The path of the innermost open region in this thread or task, or None."""
+    entry = _current.get()
+    while entry is not None and entry[END] is not None:
+        entry = entry[PARENT]
+    return None if entry is None else entry[NODE].path
