@@ -57,18 +57,34 @@ def _queue_end_of_backward(callback: Any) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
+def _nodes(tensor: Any) -> list[Any]:
+    """The autograd nodes that may start a tensor's backward.
+
+    An in-place op on a view (``ReLU(inplace=True)`` after a ``Linear`` on 3-d input) replaces
+    the view's node in the graph, so the node of the view's base is hooked too; whichever
+    runs first counts.
+    """
+    nodes = [tensor.grad_fn]
+    base = getattr(tensor, "_base", None)
+    if base is not None and base.grad_fn is not None:
+        nodes.append(base.grad_fn)
+    return nodes
+
+
 class _Backward:
     """One module call's backward region, opened and closed from autograd node hooks."""
 
-    __slots__ = ("end_with_pass", "entry", "module")
+    __slots__ = ("end_with_pass", "entry", "module", "started")
 
     def __init__(self, module: _TracedModule, end_with_pass: bool = False) -> None:
         self.module = module
         self.entry: list | None = None
         self.end_with_pass = end_with_pass
+        self.started = False
 
     def start(self, *_: Any) -> None:
-        if self.entry is None:
+        if not self.started:
+            self.started = True
             self.entry = self.module.open_backward()
             if self.end_with_pass and self.entry is not None:
                 _queue_end_of_backward(self.stop)
@@ -129,15 +145,14 @@ class _TracedModule:
             return
         if len(self.tracer.node_starts) > 100_000:  # no step boundaries: do not grow forever
             self.tracer.node_starts = {}
-        ins = [t.grad_fn for t in _tensors(args) if t.requires_grad and t.grad_fn is not None]
+        ins = [n for t in _tensors(args) if t.requires_grad and t.grad_fn is not None for n in _nodes(t)]
         # Without inputs that need gradients (the model's root, an embedding), a module's
         # backward ends when its output node finishes (a leaf module) or when the backward
         # pass ends (a module with traced children, which run after its output node).
         backward = _Backward(self, end_with_pass=not ins and self.has_children)
         seen = set()
         starts = self.tracer.node_starts
-        for tensor in outs:
-            node = tensor.grad_fn
+        for node in (n for t in outs for n in _nodes(t)):
             if id(node) in seen:
                 continue
             seen.add(id(node))
@@ -148,7 +163,7 @@ class _TracedModule:
             known[1].starts.insert(0, backward)
             if not ins and not self.has_children:
                 node.register_hook(backward.stop)
-        for node in ins:
+        for node in {id(n): n for n in ins}.values():
             node.register_prehook(backward.stop)
 
     # backward ----------------------------------------------------------
@@ -217,8 +232,16 @@ class ModuleTracer:
         self._steps = 0
 
     def on_step(self) -> None:
-        """Called at each step boundary: forget the step's nodes; time every ``every``-th step."""
+        """Called at each step boundary: forget the step's nodes; time every ``every``-th step.
+
+        A backward region whose closing node never ran (a pruned graph, an in-place op that
+        replaced it) is dropped here rather than left open.
+        """
         self.node_starts = {}
+        for module in self.modules.values():
+            if module.open_entries:
+                with module.lock:
+                    module.open_entries.clear()
         self._steps += 1
         self.active = self._steps % self.every == 0
 
@@ -252,7 +275,6 @@ def trace_modules(
         otel_ml.trace_modules(model, depth=2)
     """
     tracer = ModuleTracer(backward, every)
-    tracer.active = every <= 1
     root_name = name or type(model).__name__
     traced: dict[str, _TracedModule] = {}
     for qualified, module in model.named_modules():

@@ -129,9 +129,9 @@ class Aggregator:
                 continue
             self.steps += 1
             self.step_time += duration
-            inside = [e for e in self._open if e[START] < end_ns]
+            inside = [e for e in self._open if e[END] <= end_ns]
             if inside:
-                keep = [e for e in self._open if e[START] >= end_ns]
+                keep = [e for e in self._open if e[END] > end_ns]
                 self._open.clear()
                 self._open.extend(keep)
             reason = self.sampler.decide(step, duration)

@@ -1,0 +1,41 @@
+"""The live display: plain lines off a terminal, in-place redraw on one, and peace with tqdm."""
+
+from __future__ import annotations
+
+import io
+
+from tqdm import tqdm
+
+from otel_ml.console import Console
+
+
+def test_not_a_terminal_gets_one_plain_line_per_refresh():
+    out = io.StringIO()
+    console = Console(out, tty=False)
+    console.show(["a", "b"], "a | b")
+    console.show(["c", "d"], "c | d")
+    assert out.getvalue() == "a | b\nc | d\n"
+
+
+def test_terminal_block_is_redrawn_in_place():
+    out = io.StringIO()
+    console = Console(out, tty=True)
+    console.show(["one", "two"], "")
+    console.show(["three", "four"], "")
+    text = out.getvalue()
+    assert text.startswith("\x1b[2Kone\n\x1b[2Ktwo\n")
+    assert text.endswith("\x1b[2F\x1b[2Kthree\n\x1b[2Kfour\n")  # cursor back up 2 lines
+
+
+def test_with_a_tqdm_bar_the_bar_is_cleared_and_redrawn_around_the_table():
+    out = io.StringIO()
+    bar = tqdm(total=10, file=out, ascii=True, mininterval=0)
+    try:
+        bar.update(3)
+        before = len(out.getvalue())
+        Console(out, tty=True).show(["table"], "")
+        after = out.getvalue()[before:]
+    finally:
+        bar.close()
+    assert "\x1b[2Ktable\n" in after
+    assert after.index("table") < after.rindex("3/10")  # the bar comes back below the table

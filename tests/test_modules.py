@@ -1,0 +1,177 @@
+"""trace_modules on a real small model: forward and backward paths, sampling, safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opentelemetry.sdk.trace import TracerProvider
+from torch import nn
+
+import otel_ml
+from otel_ml import modules, timing
+from otel_ml.paths import PathTree
+from otel_ml.regions import Aggregator
+from otel_ml.sampling import TraceSampler
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(8, 8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.attn(x))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+@pytest.fixture
+def aggregator():
+    recorder = timing.Recorder(PathTree())
+    recorder.on_boundary.append(modules.step_boundary)
+    agg = Aggregator(
+        recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
+    )
+    timing.install(recorder)
+    yield agg
+    timing.install(None)
+
+
+def _train(net: Net, steps: int, recorder: timing.Recorder) -> list[float]:
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randint(0, 10, (4, 5))
+    y = torch.randint(0, 10, (4, 5))
+    losses = []
+    for step in range(steps):
+        with otel_ml.span("forward"):
+            loss = nn.functional.cross_entropy(net(x).reshape(-1, 10), y.reshape(-1))
+        with otel_ml.span("backward"):
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        recorder.step_end(step)
+    return losses
+
+
+def _counts(agg: Aggregator) -> dict[str, int]:
+    agg.process()
+    return {n.path: s.count for n, s in agg.stats.items()}
+
+
+def test_forward_and_backward_paths_follow_the_module_tree(aggregator):
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=2)
+    assert tracer.paths() == [
+        "Net",
+        "embed",
+        "blocks.0",
+        "blocks.0.attn",
+        "blocks.0.mlp",
+        "blocks.1",
+        "blocks.1.attn",
+        "blocks.1.mlp",
+        "head",
+    ]
+    _train(net, 3, aggregator.recorder)
+    counts = _counts(aggregator)
+    modules = [
+        "embed",
+        "blocks.0",
+        "blocks.0/attn",
+        "blocks.0/mlp",
+        "blocks.1",
+        "blocks.1/attn",
+        "blocks.1/mlp",
+        "head",
+    ]
+    expected = {"forward": 3, "backward": 3, "forward/Net": 3, "backward/Net.backward": 3}
+    expected.update({f"forward/Net/{m}": 3 for m in modules})
+    expected.update({f"backward/Net.backward/{m}": 3 for m in modules})
+    assert counts == expected
+    tracer.remove()
+
+
+def test_backward_regions_nest_and_fit_inside_the_backward_pass(aggregator):
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1)
+    _train(net, 2, aggregator.recorder)
+    aggregator.process()
+    stats = {n.path: s for n, s in aggregator.stats.items()}
+    root = stats["backward/Net.backward"]
+    children = [s for p, s in stats.items() if p.startswith("backward/Net.backward/")]
+    assert root.total <= stats["backward"].total
+    assert sum(c.total for c in children) <= root.total + 1e-9
+    tracer.remove()
+
+
+def test_all_depths_with_inplace_relu_still_trains(aggregator):
+    torch.manual_seed(1)
+    baseline = _train(Net(), 5, aggregator.recorder)
+    torch.manual_seed(1)
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=None)
+    traced = _train(net, 5, aggregator.recorder)
+    assert traced == pytest.approx(baseline)  # same numbers with the hooks on
+    counts = _counts(aggregator)
+    assert counts["forward/Net/blocks.0/mlp/0"] == 5
+    assert counts["backward/Net.backward/blocks.0/mlp/0"] == 5
+    tracer.remove()
+
+
+def test_every_n_times_modules_on_every_nth_step_only(aggregator):
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1, every=2)
+    _train(net, 6, aggregator.recorder)
+    counts = _counts(aggregator)
+    assert counts["forward"] == 6
+    assert counts["forward/Net/head"] == 3
+    assert counts["backward/Net.backward/head"] == 3
+    tracer.remove()
+
+
+def test_remove_takes_every_hook_off(aggregator):
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=None)
+    tracer.remove()
+    _train(net, 2, aggregator.recorder)
+    assert set(_counts(aggregator)) == {"forward", "backward"}
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_an_exception_in_forward_closes_the_module_region(aggregator):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise ValueError("bad batch")
+
+    model = nn.Sequential(nn.Linear(2, 2), Broken())
+    tracer = otel_ml.trace_modules(model, depth=1)
+    with pytest.raises(ValueError, match="bad batch"):
+        model(torch.zeros(1, 2))
+    assert timing.current_path() is None
+    assert set(_counts(aggregator)) == {"Sequential", "Sequential/0", "Sequential/1"}
+    tracer.remove()
+
+
+def test_hooks_do_nothing_before_init():
+    timing.install(None)
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=None)
+    out = net(torch.randint(0, 10, (2, 3)))
+    out.sum().backward()
+    assert timing.current_path() is None
+    tracer.remove()

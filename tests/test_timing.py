@@ -1,0 +1,328 @@
+"""Regions: nesting, explicit paths, decorators, exceptions, threads, tasks, sampling, GPU path.
+
+Time is a fake clock in nanoseconds; spans go to the SDK's in-memory exporter with a zero
+wall-clock offset, so every timestamp is checked exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+import otel_ml
+from otel_ml import timing
+from otel_ml.paths import PathTree
+from otel_ml.regions import Aggregator
+from otel_ml.sampling import TraceSampler
+
+MS = 1_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: float) -> None:
+        self.now += int(ms * MS)
+
+
+@pytest.fixture
+def env():
+    clock = Clock()
+    recorder = timing.Recorder(PathTree(max_paths=50), clock=clock)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    aggregator = Aggregator(
+        recorder,
+        provider.get_tracer("t"),
+        {"rank": "0", "run_id": "r"},
+        span_attributes={"otel_ml.rank": 0},
+        sampler=TraceSampler(every=1, factor=0),
+        wall_offset_ns=0,
+    )
+    timing.install(recorder)
+    yield recorder, aggregator, exporter, clock
+    timing.install(None)
+
+
+def _spans(exporter):
+    return {s.name: s for s in exporter.get_finished_spans()}
+
+
+def test_nesting_and_explicit_paths_build_the_same_tree(env):
+    recorder, aggregator, _, _ = env
+    with otel_ml.span("forward"), otel_ml.span("encoder"):
+        pass
+    with otel_ml.span("forward/encoder"):
+        pass
+    aggregator.process()
+    (node,) = [n for n in aggregator.stats if n.path == "forward/encoder"]
+    assert aggregator.stats[node].count == 2
+    assert [n.path for n in recorder.tree.walk()] == ["forward", "forward/encoder"]
+
+
+def test_spans_have_the_nesting_as_parents_and_the_recorded_timestamps(env):
+    recorder, aggregator, exporter, clock = env
+    clock.advance(1)
+    with otel_ml.span("forward"):
+        clock.advance(2)
+        with otel_ml.span("encoder"):
+            clock.advance(3)
+        with otel_ml.span("head"):
+            clock.advance(4)
+    clock.advance(5)
+    recorder.step_end(7)
+    aggregator.process()
+    spans = _spans(exporter)
+    root, forward, encoder, head = (spans[n] for n in ("otel_ml.step", "forward", "encoder", "head"))
+    assert root.parent is None and root.attributes["otel_ml.step"] == 7
+    assert root.attributes["otel_ml.sampled_by"] == "every"
+    assert (root.start_time, root.end_time) == (0, 15 * MS)
+    assert forward.parent.span_id == root.context.span_id
+    assert encoder.parent.span_id == forward.context.span_id
+    assert head.parent.span_id == forward.context.span_id
+    assert {s.context.trace_id for s in spans.values()} == {root.context.trace_id}
+    assert (forward.start_time, forward.end_time) == (1 * MS, 10 * MS)
+    assert (encoder.start_time, encoder.end_time) == (3 * MS, 6 * MS)
+    assert (head.start_time, head.end_time) == (6 * MS, 10 * MS)
+    assert encoder.attributes["otel_ml.path"] == "forward/encoder"
+
+
+def test_self_time_excludes_children(env):
+    _, aggregator, _, clock = env
+    with otel_ml.span("forward"):
+        clock.advance(2)
+        with otel_ml.span("encoder"):
+            clock.advance(3)
+    aggregator.process()
+    by_path = {n.path: s for n, s in aggregator.stats.items()}
+    assert by_path["forward"].total == pytest.approx(0.005)
+    assert by_path["forward"].self_total == pytest.approx(0.002)
+    assert by_path["forward/encoder"].self_total == pytest.approx(0.003)
+
+
+def test_decorator_times_sync_and_async_functions(env):
+    _, aggregator, _, clock = env
+
+    @otel_ml.span("data/collate")
+    def collate(x):
+        clock.advance(2)
+        return x * 2
+
+    @otel_ml.span("rollout")
+    async def rollout(x):
+        clock.advance(3)
+        await asyncio.sleep(0)
+        return x + 1
+
+    assert collate(4) == 8
+    assert asyncio.run(rollout(1)) == 2
+    assert collate.__name__ == "collate" and rollout.__name__ == "rollout"
+    aggregator.process()
+    by_path = {n.path: s for n, s in aggregator.stats.items()}
+    assert by_path["data/collate"].total == pytest.approx(0.002)
+    assert by_path["rollout"].total == pytest.approx(0.003)
+
+
+def test_concurrent_asyncio_tasks_keep_their_own_nesting(env):
+    _, aggregator, _, _ = env
+
+    async def worker(name):
+        async with otel_ml.span(name):
+            await asyncio.sleep(0)
+            with otel_ml.span("step"):
+                await asyncio.sleep(0)
+
+    async def main():
+        await asyncio.gather(worker("a"), worker("b"))
+
+    asyncio.run(main())
+    aggregator.process()
+    assert sorted(n.path for n in aggregator.stats) == ["a", "a/step", "b", "b/step"]
+
+
+def test_an_exception_marks_the_span_as_error_closes_it_and_propagates(env):
+    recorder, aggregator, exporter, _ = env
+    with pytest.raises(KeyError), otel_ml.span("forward"), otel_ml.span("encoder"):
+        raise KeyError("boom")
+    assert timing.current_path() is None
+    recorder.step_end(0)
+    aggregator.process()
+    spans = _spans(exporter)
+    assert spans["encoder"].status.status_code == StatusCode.ERROR
+    assert spans["encoder"].attributes["exception.type"] == "KeyError"
+    assert spans["forward"].status.status_code == StatusCode.ERROR
+
+
+def test_other_threads_use_their_own_stack(env):
+    _, aggregator, _, _ = env
+    done = threading.Event()
+
+    def loader():
+        with otel_ml.span("loader"):
+            pass
+        done.set()
+
+    with otel_ml.span("forward"):
+        thread = threading.Thread(target=loader)
+        thread.start()
+        thread.join()
+    assert done.is_set()
+    aggregator.process()
+    assert sorted(n.path for n in aggregator.stats) == ["forward", "loader"]
+
+
+def test_unicode_names(env):
+    _, aggregator, _, _ = env
+    with otel_ml.span("前向传播总耗时"), otel_ml.span("编码器"):
+        pass
+    aggregator.process()
+    assert sorted(n.path for n in aggregator.stats) == ["前向传播总耗时", "前向传播总耗时/编码器"]
+
+
+def test_regions_are_no_ops_when_disabled_compiling_or_not_installed(env):
+    recorder, aggregator, _, _ = env
+    recorder.enabled = False
+    with otel_ml.span("off"):
+        pass
+    recorder.enabled = True
+    recorder.is_compiling = lambda: True
+    with otel_ml.span("compiling"):
+        pass
+    recorder.is_compiling = lambda: False
+    timing.install(None)
+    with otel_ml.span("before-init"):
+        pass
+    timing.install(recorder)
+    aggregator.process()
+    assert aggregator.stats == {}
+    assert timing.current_path() is None
+
+
+def test_out_of_order_close_does_not_corrupt_nesting(env):
+    _, aggregator, _, _ = env
+    outer, inner = otel_ml.span("outer"), otel_ml.span("inner")
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # closed before its child (e.g. a hook that fired late)
+    with otel_ml.span("next"):
+        assert timing.current_path() == "outer/inner/next"
+    inner.__exit__(None, None, None)
+    with otel_ml.span("after"):
+        assert timing.current_path() == "after"
+    aggregator.process()
+    assert {n.path for n in aggregator.stats} == {"outer", "outer/inner", "outer/inner/next", "after"}
+
+
+def test_every_nth_and_slow_steps_are_traced(env):
+    recorder, aggregator, exporter, clock = env
+    aggregator.sampler = TraceSampler(every=5, factor=2.0, window=20, min_steps=4)
+    durations = [10, 10, 10, 10, 10, 10, 35, 10, 10, 10, 10]
+    for step, ms in enumerate(durations):
+        with otel_ml.span("work"):
+            clock.advance(ms)
+        recorder.step_end(step)
+    aggregator.process()
+    roots = [s for s in exporter.get_finished_spans() if s.name == "otel_ml.step"]
+    assert sorted((s.attributes["otel_ml.step"], s.attributes["otel_ml.sampled_by"]) for s in roots) == [
+        (0, "every"),
+        (5, "every"),
+        (6, "slow"),
+        (10, "every"),
+    ]
+    assert aggregator.traced == {"every": 3, "slow": 1}
+    work = [s for s in exporter.get_finished_spans() if s.name == "work"]
+    assert len(work) == 4  # regions only for traced steps
+
+
+def test_log_implies_step_boundaries_until_step_end_is_used(env):
+    recorder, aggregator, _, clock = env
+    recorder.implied_step_end(3, 0.001, {"loss": 1.0})
+    clock.advance(2)
+    recorder.step_end(4)
+    recorder.implied_step_end(5, 0.002, {"loss": 1.0})  # ignored: explicit mode
+    aggregator.process()
+    assert aggregator.steps == 2
+
+
+class FakeEvents:
+    """Stands in for CUDA events on this CPU machine: the test decides when the GPU is done."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.done: set[int] = set()
+        self.released: list[int] = []
+
+    def record(self):
+        return ("event", self.clock.now)
+
+    def ready(self, event) -> bool:
+        return event[1] in self.done
+
+    def elapsed_ms(self, start, end) -> float:
+        return (end[1] - start[1]) / MS * 2  # "GPU time" twice the host time, to tell them apart
+
+    def release(self, *events) -> None:
+        self.released.extend(e[1] for e in events)
+
+
+def test_gpu_timed_regions_wait_for_their_events_and_report_gpu_time(env):
+    recorder, aggregator, exporter, clock = env
+    events = recorder.events = FakeEvents(clock)
+    with otel_ml.span("forward"):
+        clock.advance(4)
+    recorder.step_end(0)
+    aggregator.process()
+    assert aggregator.stats == {} and aggregator.steps == 0  # the GPU is not there yet
+    events.done.add(4 * MS)
+    aggregator.process()
+    (stats,) = aggregator.stats.values()
+    assert stats.total == pytest.approx(0.008) and stats.host_total == pytest.approx(0.004)
+    assert stats.gpu_count == 1
+    assert sorted(events.released) == [0, 4 * MS]
+    span = _spans(exporter)["forward"]
+    assert span.attributes["otel_ml.gpu_duration_ms"] == pytest.approx(8.0)
+    assert span.attributes["otel_ml.host_duration_ms"] == pytest.approx(4.0)
+
+
+def test_histogram_metric_counts_durations_per_path(env):
+    _, aggregator, _, clock = env
+    for ms in (0.2, 3, 3, 40):
+        with otel_ml.span("forward"):
+            clock.advance(ms)
+    (metric,) = aggregator.metrics()
+    assert metric.name == "otel_ml_span_duration_seconds" and metric.unit == "s"
+    (point,) = metric.data.data_points
+    assert point.attributes == {"rank": "0", "run_id": "r", "path": "forward"}
+    assert point.count == 4 and point.sum == pytest.approx(0.0462)
+    bounds = list(point.explicit_bounds)
+    assert point.bucket_counts[bounds.index(0.00025)] == 1
+    assert point.bucket_counts[bounds.index(0.005)] == 2
+    assert point.bucket_counts[bounds.index(0.05)] == 1
+
+
+def test_path_cap_sends_new_paths_to_overflow_with_one_warning(env, caplog):
+    _, aggregator, _, _ = env
+    for i in range(60):
+        with otel_ml.span(f"p{i}"):
+            pass
+    aggregator.process()
+    paths = {n.path for n in aggregator.stats}
+    assert len(paths) == 51 and "(overflow)" in paths
+    assert caplog.text.count("distinct span paths") == 1
+
+
+def test_span_cache_is_bounded():
+    for i in range(10_050):
+        otel_ml.span(f"sample-{i}")
+    assert len(timing._regions) <= 10_001
