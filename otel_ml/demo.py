@@ -2,9 +2,10 @@
 
 The launcher starts ``--ranks`` worker processes with the variables torchrun would set (``RANK``,
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) plus a shared ``OTEL_ML_RUN_ID``.
-Each worker trains a small transformer language model on generated sequences with DDP and calls
-``otel_ml.log()`` every step. Rank 0 shows a progress bar; at the end the launcher prints where
-everything went. The worker also runs under torchrun directly::
+Each worker trains a small transformer language model on generated sequences with DDP, times
+data/forward/backward/optimizer with ``otel_ml.span`` and every module with ``trace_modules``, and
+calls ``otel_ml.log()`` every step. Rank 0 shows a progress bar and the live timing table and
+prints its timing summary at the end; the launcher then prints where everything went. The worker also runs under torchrun directly::
 
     torchrun --nproc-per-node 2 -m otel_ml.demo --worker
 
@@ -83,6 +84,7 @@ def worker(args: argparse.Namespace) -> int:
             return self.head(hidden)
 
     model = nn.parallel.DistributedDataParallel(TinyLM())
+    otel_ml.trace_modules(model.module, depth=2)  # forward and backward time per module
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     warmup = max(1, args.steps // 10)
 
@@ -94,16 +96,20 @@ def worker(args: argparse.Namespace) -> int:
     nan_at, slow = _parse_pair(args.nan), _parse_pair(args.slow)
     bar = tqdm(range(args.steps), desc=f"train (rank {rank}/{world})", unit="step", disable=rank != 0)
     for step in bar:
-        inputs, targets = _batch(generator, torch)
-        if slow and slow[0] == rank:
-            time.sleep(slow[1] / 1000)
-        logits = model(inputs)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        with otel_ml.span("data"):
+            inputs, targets = _batch(generator, torch)
+        with otel_ml.span("forward"):
+            if slow and slow[0] == rank:
+                time.sleep(slow[1] / 1000)
+            logits = model(inputs)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+        with otel_ml.span("backward"):  # includes DDP's gradient all-reduce
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with otel_ml.span("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
         with torch.no_grad():
             log_probs = torch.log_softmax(logits, dim=-1)
             kl = (log_probs.exp() * (log_probs + math.log(VOCAB))).sum(-1).mean()  # KL(p || uniform)
@@ -164,6 +170,8 @@ def launch(args: argparse.Namespace) -> int:
         "OTEL_ML_RUN_DIR": str(run_dir),
         "OTEL_METRIC_EXPORT_INTERVAL": os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "5000"),
         "OTEL_ML_TRACE_EVERY": os.environ.get("OTEL_ML_TRACE_EVERY", "25"),
+        "OTEL_ML_TIMING_TABLE": os.environ.get("OTEL_ML_TIMING_TABLE", "1"),
+        "OTEL_ML_TIMING_TABLE_EVERY": os.environ.get("OTEL_ML_TIMING_TABLE_EVERY", "250"),
     }
     command = [sys.executable, "-m", "otel_ml.demo", "--worker", "--steps", str(args.steps)]
     for flag in ("nan", "slow"):
