@@ -13,6 +13,7 @@ Example::
 from otel_ml._version import __version__
 from otel_ml.config import Config
 from otel_ml.modules import ModuleTracer, trace_modules
+from otel_ml.progress import tqdm, trange
 from otel_ml.runtime import Telemetry, flush, get_telemetry, init, log, shutdown
 from otel_ml.timing import Region, span, step_end
 
@@ -29,5 +30,7 @@ __all__ = [
     "shutdown",
     "span",
     "step_end",
+    "tqdm",
     "trace_modules",
+    "trange",
 ]

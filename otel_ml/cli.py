@@ -4,7 +4,8 @@ Subcommands:
 
 * ``demo``: a real multi-rank training run with telemetry on (see :mod:`otel_ml.demo`);
 * ``targets RUN_DIR``: Prometheus ``file_sd`` JSON for the ranks of a run, from their port files;
-* ``inspect RUN_DIR``: what an offline run recorded (per rank: last step, loss, files).
+* ``inspect RUN_DIR``: what an offline run recorded (per rank: last step, loss, files);
+* ``top``: a live terminal view of every rank, from Prometheus or the ranks' ``/metrics``.
 
 Example::
 
@@ -104,6 +105,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["top"]:
+        from otel_ml import top
+
+        return top.main(argv[1:])
     parser = argparse.ArgumentParser(prog="otel-ml", description="otel_ml command line")
     parser.add_argument("--version", action="version", version=f"otel-ml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     targets.add_argument("run_dir", type=Path)
     targets.add_argument("--host", help="address to scrape instead of the recorded one")
     targets.set_defaults(func=cmd_targets)
+
+    sub.add_parser("top", help="every rank of a run at a glance (see otel-ml top --help)", add_help=False)
 
     inspect = sub.add_parser("inspect", help="summarise an offline run dir")
     inspect.add_argument("run_dir", type=Path)

@@ -289,6 +289,38 @@ class Config:
             "At shutdown, write the timing summary to the run dir (JSON and text) and print it on rank 0.",
         ),
     )
+    progress_view: str = field(
+        default="auto",
+        metadata=_opt(
+            ("OTEL_ML_PROGRESS_VIEW",),
+            p.choice_parser("auto", "on", "off"),
+            "Rank 0's terminal view of every rank's progress bars: `auto` = when world size > 1.",
+        ),
+    )
+    progress_view_interval: float = field(
+        default=1.0,
+        metadata=_opt(
+            ("OTEL_ML_PROGRESS_VIEW_INTERVAL",),
+            p.seconds_parser(1, 0.1),
+            "Seconds between refreshes of the rank view on a terminal.",
+        ),
+    )
+    progress_log_interval: float = field(
+        default=30.0,
+        metadata=_opt(
+            ("OTEL_ML_PROGRESS_LOG_INTERVAL",),
+            p.seconds_parser(1, 1.0),
+            "Seconds between compact rank-view lines when stdout is not a terminal.",
+        ),
+    )
+    max_progress_tasks: int = field(
+        default=64,
+        metadata=_opt(
+            ("OTEL_ML_MAX_PROGRESS_TASKS",),
+            p.int_parser(1),
+            "Distinct progress-bar tasks (label `task`) per process; later ones export as `(overflow)`.",
+        ),
+    )
     throughput_window: int = field(
         default=20,
         metadata=_opt(
@@ -350,6 +382,8 @@ class Config:
             raise ValueError("trace_every must be >= 0")
         if self.tail_factor < 0:
             raise ValueError("tail_factor must be >= 0")
+        if self.progress_view not in ("auto", "on", "off"):
+            raise ValueError(f"progress_view must be 'auto', 'on' or 'off', not {self.progress_view!r}")
         if self.cuda_timing not in ("auto", "on", "off"):
             raise ValueError(f"cuda_timing must be 'auto', 'on' or 'off', not {self.cuda_timing!r}")
 

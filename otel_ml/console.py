@@ -41,6 +41,7 @@ class Console:
             tty = bool(isatty and isatty())
         self.tty = tty
         self._drawn = 0
+        self._sections: dict[str, list[str]] = {}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -56,17 +57,27 @@ class Console:
         else:
             yield
 
-    def show(self, lines: list[str], line: str) -> None:
-        """Redraw ``lines`` in place (terminal) or write ``line`` (anything else)."""
+    def show(self, lines: list[str], line: str, section: str = "main") -> None:
+        """Redraw ``lines`` as ``section`` in place (terminal) or write ``line`` (anything else).
+
+        Sections (the timing table, the rank view) are drawn one under the other, in the order
+        they first appeared; updating one redraws the block.
+        """
         with self._lock:
+            self._sections[section] = lines
             try:
                 if not self.tty:
                     self.stream.write(line + "\n")
                 else:
+                    block = [ln for part in self._sections.values() for ln in part]
                     with self._around_bars():
-                        text = _cursor_up(self._drawn) + "".join(f"{_CLEAR_LINE}{ln}\n" for ln in lines)
+                        text = _cursor_up(self._drawn) + "".join(f"{_CLEAR_LINE}{ln}\n" for ln in block)
+                        # a shorter block leaves old lines below: clear them
+                        extra = self._drawn - len(block)
+                        if extra > 0:
+                            text += f"{_CLEAR_LINE}\n" * extra + _cursor_up(extra)
                         self.stream.write(text)
-                        self._drawn = len(lines)
+                        self._drawn = len(block)
                 self.stream.flush()
             except (OSError, ValueError):  # closed or broken stream: the display is optional
                 pass
@@ -78,6 +89,7 @@ class Console:
                 with self._around_bars():
                     self.stream.write(text if text.endswith("\n") else text + "\n")
                     self._drawn = 0
+                    self._sections.clear()
                 self.stream.flush()
             except (OSError, ValueError):
                 pass

@@ -4,8 +4,11 @@ The launcher starts ``--ranks`` worker processes with the variables torchrun wou
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) plus a shared ``OTEL_ML_RUN_ID``.
 Each worker trains a small transformer language model on generated sequences with DDP, times
 data/forward/backward/optimizer with ``otel_ml.span`` and every module with ``trace_modules``, and
-calls ``otel_ml.log()`` every step. Rank 0 shows a progress bar and the live timing table and
-prints its timing summary at the end; the launcher then prints where everything went. The worker also runs under torchrun directly::
+calls ``otel_ml.log()`` every step; then each rank scores its share of ``--files`` generated
+files with nested ``otel_ml.tqdm`` bars (files, rows per file). Rank 0 shows its bar, every
+rank's line, the live timing table, and its timing summary at the end; the launcher then prints
+where everything went. The worker
+also runs under torchrun directly::
 
     torchrun --nproc-per-node 2 -m otel_ml.demo --worker
 
@@ -59,7 +62,6 @@ def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
     from torch import nn
-    from tqdm import tqdm
 
     import otel_ml
 
@@ -94,7 +96,8 @@ def worker(args: argparse.Namespace) -> int:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(1234 + rank)
     nan_at, slow = _parse_pair(args.nan), _parse_pair(args.slow)
-    bar = tqdm(range(args.steps), desc=f"train (rank {rank}/{world})", unit="step", disable=rank != 0)
+    # Every rank exports its bar; only rank 0 prints it (with the other ranks' lines above it).
+    bar = otel_ml.tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
         with otel_ml.span("data"):
             inputs, targets = _batch(generator, torch)
@@ -128,6 +131,8 @@ def worker(args: argparse.Namespace) -> int:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    if args.files:
+        _inference(model.module, rank, world, args.files, torch)
     if args.linger > 0:
         time.sleep(args.linger)
     dist.barrier()
@@ -135,6 +140,25 @@ def worker(args: argparse.Namespace) -> int:
     dist.destroy_process_group()
     del telemetry
     return 0
+
+
+def _inference(model: Any, rank: int, world: int, files: int, torch: Any) -> None:
+    """Score this rank's share of ``files`` generated files, row batches at a time, with nested bars."""
+    import otel_ml
+
+    model.eval()
+    mine = [f"part-{i:03d}.tokens" for i in range(files) if i % world == rank]
+    with torch.no_grad():
+        for index, name in enumerate(otel_ml.tqdm(mine, desc="inference", unit="file")):
+            rows = 256 + 128 * (index % 3)
+            generator = torch.Generator().manual_seed(hash((rank, name)) % 2**31)
+            with otel_ml.tqdm(total=rows, desc=name, unit="row", leave=False) as file_bar:
+                for _ in range(0, rows, BATCH):
+                    with otel_ml.span("inference/batch"):
+                        inputs, _ = _batch(generator, torch)
+                        model(inputs)
+                    file_bar.update(BATCH)
+    model.train()
 
 
 def _summary(run_dir: Path, world: int) -> str:
@@ -174,6 +198,7 @@ def launch(args: argparse.Namespace) -> int:
         "OTEL_ML_TIMING_TABLE_EVERY": os.environ.get("OTEL_ML_TIMING_TABLE_EVERY", "250"),
     }
     command = [sys.executable, "-m", "otel_ml.demo", "--worker", "--steps", str(args.steps)]
+    command += ["--files", str(args.files)]
     for flag in ("nan", "slow"):
         if getattr(args, flag):
             command += [f"--{flag}", getattr(args, flag)]
@@ -206,6 +231,7 @@ def launch(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", type=int, default=2, help="processes to start (default 2)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--files", type=int, default=8, help="files to score after training (0: none)")
     parser.add_argument("--linger", type=float, default=0.0, help="seconds to keep serving after training")
     parser.add_argument("--nan", metavar="RANK:STEP", help="log NaN loss on RANK from STEP on")
     parser.add_argument("--slow", metavar="RANK:MS", help="slow RANK's forward pass by MS milliseconds")

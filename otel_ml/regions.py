@@ -261,5 +261,7 @@ class TimingTable:
                 shares.append((path, 1e3 * delta / self._steps, 100.0 * delta / self._elapsed))
         per_step = 1e3 * self._elapsed / self._steps
         title = f"otel_ml timing: last {self._steps} steps (to step {step}), {per_step:.2f} ms/step"
-        self._console.show(render_table(shares, title, self._top), render_line(shares, title, self._top))
+        self._console.show(
+            render_table(shares, title, self._top), render_line(shares, title, self._top), section="timing"
+        )
         self._last, self._steps, self._elapsed = totals, 0, 0.0

@@ -31,15 +31,18 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 
-from otel_ml import ranks, semconv
+from otel_ml import progress, ranks, semconv
 from otel_ml._logging import logger, warn_once
 from otel_ml.config import Config
+from otel_ml.console import Console
 from otel_ml.exporters._worker import Sink
 from otel_ml.exporters.files import FileSink, rank_dir
 from otel_ml.exporters.otlp import build_otlp_sink
 from otel_ml.exporters.prometheus import MetricsServer, make_reader
 from otel_ml.health import TelemetryHealth
 from otel_ml.pipeline import MetricSources, Pipeline
+from otel_ml.progress import register_progress_metrics
+from otel_ml.rankview import PROGRESS_PATH, RankView
 from otel_ml.system import register_system_metrics
 from otel_ml.timekeeping import Timekeeper
 from otel_ml.training import TrainingMetrics
@@ -85,6 +88,8 @@ class Telemetry:
         self.pipeline: Pipeline | None = None
         self.file_sink: FileSink | None = None
         self.timekeeper: Timekeeper | None = None
+        self.rank_view: RankView | None = None
+        self.console = Console()
         if not cfg.enabled:
             return
 
@@ -125,6 +130,8 @@ class Telemetry:
         )
         register_system_metrics(self.meter, self.attributes)
         self.health.register(self.meter, self.attributes)
+        progress.board.max_tasks = cfg.max_progress_tasks
+        register_progress_metrics(self.meter, self.attributes)
         self.timekeeper = Timekeeper(
             cfg,
             pipeline,
@@ -133,6 +140,7 @@ class Telemetry:
             self.rank,
             self.run_id,
             self.health,
+            self.console,
         )
         self.training.on_step = self.timekeeper.recorder.implied_step_end
         pipeline.add_job(self.training.drain_durations)
@@ -147,8 +155,20 @@ class Telemetry:
             )
             if self.server.start() is not None:
                 logger.info("otel_ml: rank %d serves %s", self.rank, self.server.url)
+            self.server.routes[PROGRESS_PATH] = self._progress_route
         pipeline.add_job(self._write_endpoint_file, once=True)
         pipeline.start()
+        wants_view = cfg.progress_view == "on" or (cfg.progress_view == "auto" and self.world_size > 1)
+        if wants_view and self.rank == 0:
+            self.rank_view = RankView(
+                self.run_dir,
+                self.world_size,
+                self.progress_payload,
+                self.console,
+                interval=cfg.progress_view_interval,
+                log_interval=cfg.progress_log_interval,
+            )
+            self.rank_view.start()
         if cfg.set_global_providers:
             _install_globals(self)
 
@@ -207,6 +227,21 @@ class Telemetry:
         except OSError as exc:
             warn_once("endpoint-file", "otel_ml: could not write %s: %s", path, exc.strerror or exc)
 
+    def progress_payload(self) -> dict[str, Any]:
+        """What ``/progress`` serves: this rank's open bars, step and loss (for rank 0's view)."""
+        training = self.training
+        return {
+            "rank": self.rank,
+            "run_id": self.run_id,
+            "time": time.time(),
+            "bars": [row.as_dict() for row in progress.board.snapshot()],
+            "step": None if training is None else training.step,
+            "loss": None if training is None else training.latest("loss"),
+        }
+
+    def _progress_route(self) -> tuple[bytes, str]:
+        return json.dumps(self.progress_payload()).encode(), "application/json"
+
     # ------------------------------------------------------------------ API
     def log(self, step: Any, /, **values: Any) -> None:
         """Record one step's scalars; see :func:`otel_ml.log`."""
@@ -244,6 +279,8 @@ class Telemetry:
         ok = True
         limit = self.config.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
+        if self.rank_view is not None:
+            self.rank_view.stop()
         if self.timekeeper is not None:
             try:
                 self.timekeeper.finish(rank_dir(self.run_dir, self.rank))

@@ -29,6 +29,9 @@ LABEL_EXPORTER = "exporter"
 LABEL_SIGNAL = "signal"
 LABEL_PATH = "path"
 LABEL_REASON = "reason"
+LABEL_TASK = "task"
+LABEL_UNIT = "unit"
+LABEL_PARENT = "parent"
 
 # Resource attributes (OTel semantic conventions where they exist, ``otel_ml.*`` otherwise).
 RESOURCE_RUN_ID = "otel_ml.run_id"
@@ -201,6 +204,55 @@ TRACED_STEPS = MetricSpec(
     "trace sampler",
     (LABEL_REASON,),
 )
+_PROGRESS_LABELS = (LABEL_TASK, LABEL_UNIT, LABEL_PARENT)
+PROGRESS_COMPLETED = MetricSpec(
+    "otel_ml_progress_completed",
+    "{item}",
+    "gauge",
+    "Units done by an open progress bar (a parent bar also reports its nested bars' units).",
+    "`otel_ml.tqdm` (`n`)",
+    _PROGRESS_LABELS,
+)
+PROGRESS_TOTAL = MetricSpec(
+    "otel_ml_progress_total",
+    "{item}",
+    "gauge",
+    "Units an open progress bar expects (absent when the bar has no total).",
+    "`otel_ml.tqdm` (`total`)",
+    _PROGRESS_LABELS,
+)
+PROGRESS_RATE = MetricSpec(
+    "otel_ml_progress_rate_per_second",
+    "{item}/s",
+    "gauge",
+    "Units per second of an open progress bar (tqdm's smoothed rate).",
+    "`otel_ml.tqdm`",
+    _PROGRESS_LABELS,
+)
+PROGRESS_ETA = MetricSpec(
+    "otel_ml_progress_eta_seconds",
+    "s",
+    "gauge",
+    "Seconds left for an open progress bar at its current rate (absent without a total).",
+    "`otel_ml.tqdm`",
+    _PROGRESS_LABELS,
+)
+PROGRESS_ELAPSED = MetricSpec(
+    "otel_ml_progress_elapsed_seconds",
+    "s",
+    "gauge",
+    "Seconds since an open progress bar started.",
+    "`otel_ml.tqdm`",
+    _PROGRESS_LABELS,
+)
+PROGRESS_ACTIVE = MetricSpec(
+    "otel_ml_progress_active",
+    "1",
+    "gauge",
+    "1 while a bar with this task is open, 0 after it closed.",
+    "`otel_ml.tqdm`",
+    (LABEL_TASK,),
+)
 #: Template for any other scalar passed to log(): ``kl=`` becomes ``otel_ml_kl``.
 USER_GAUGE_UNIT = "1"
 
@@ -226,6 +278,12 @@ METRICS: tuple[MetricSpec, ...] = (
     SPAN_SELF,
     SPAN_HOST,
     TRACED_STEPS,
+    PROGRESS_COMPLETED,
+    PROGRESS_TOTAL,
+    PROGRESS_RATE,
+    PROGRESS_ETA,
+    PROGRESS_ELAPSED,
+    PROGRESS_ACTIVE,
 )
 
 #: Every Prometheus name otel_ml owns; a user key that would collide is renamed.

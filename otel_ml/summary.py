@@ -99,22 +99,28 @@ def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) 
     ``stats`` maps path nodes (anything with ``path``, ``name``, ``depth``, ``parent``) to stats;
     ``step_time`` is the summed duration of all closed steps, the denominator of the shares.
     """
-    by_parent: dict[Any, list[Any]] = {}
-    for node in stats:
-        by_parent.setdefault(node.parent, []).append(node)
     known = set(stats)
-    roots = [n for n in stats if n.parent not in known]
     rows: list[SummaryRow] = []
 
-    def visit(nodes: list[Any]) -> None:
+    def shown_ancestor(node: Any) -> Any:
+        parent = node.parent
+        while parent is not None and parent not in known:
+            parent = parent.parent
+        return parent
+
+    def visit(nodes: list[Any], depth: int) -> None:
         for node in sorted(nodes, key=lambda n: -stats[n].total):
             s = stats[node]
             ordered = sorted(s.samples)
+            ancestor = shown_ancestor(node)
+            # A level that was never timed itself (``inference`` of ``inference/batch``) is not a
+            # row: the name then carries the missing levels.
+            prefix = ancestor.path + "/" if ancestor is not None and ancestor.path else ""
             rows.append(
                 SummaryRow(
                     path=node.path,
-                    name=node.name,
-                    depth=node.depth,
+                    name=node.path[len(prefix) :],
+                    depth=depth,
                     count=s.count,
                     total_ms=s.total * 1e3,
                     self_ms=s.self_total * 1e3,
@@ -128,9 +134,14 @@ def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) 
                     gpu_timed=s.gpu_count > 0,
                 )
             )
-            visit(by_parent.get(node, []))
+            visit(children.get(node, []), depth + 1)
 
-    visit(roots)
+    children: dict[Any, list[Any]] = {}
+    roots = []
+    for node in stats:
+        ancestor = shown_ancestor(node)
+        (children.setdefault(ancestor, []) if ancestor is not None else roots).append(node)
+    visit(roots, 1)
     return rows
 
 

@@ -366,6 +366,15 @@ class TrainingMetrics:
 
         return callback
 
+    @property
+    def step(self) -> int | None:
+        """The last step passed to ``log()``."""
+        return self._step
+
+    def latest(self, key: str) -> float | None:
+        """The last finite value logged for ``key`` (None if never)."""
+        return self._latest.get(key)
+
     def exported_name(self, key: str) -> str | None:
         """The metric name a ``log()`` key is exported under (None if not logged or dropped)."""
         if key in _BUILTIN_GAUGES:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -61,8 +62,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
+        route = self.server.routes.get(path)
         if path == "/metrics":
             self._metrics()
+        elif route is not None:
+            try:
+                body, content_type = route()
+            except Exception as exc:  # noqa: BLE001 - report, never crash the server thread
+                warn_once(f"route:{path}", "otel_ml: %s failed: %s", path, exc)
+                self._send(500, b"failed\n", "text/plain; charset=utf-8")
+                return
+            self._send(200, body, content_type)
         elif path in ("/", "/healthz"):
             self._send(200, b"otel_ml: see /metrics\n", "text/plain; charset=utf-8")
         else:
@@ -108,6 +118,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     registry: CollectorRegistry
     health: TelemetryHealth
+    routes: dict[str, Callable[[], tuple[bytes, str]]]
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -140,6 +151,8 @@ class MetricsServer:
         self.wanted_port = base_port + local_rank if base_port else 0
         self.attempts = attempts
         self.health = health or TelemetryHealth()
+        #: Extra GET paths served beside /metrics (e.g. /progress): path -> () -> (body, content type).
+        self.routes: dict[str, Callable[[], tuple[bytes, str]]] = {}
         self.port: int | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -172,6 +185,7 @@ class MetricsServer:
             return None
         server.registry = self.registry
         server.health = self.health
+        server.routes = self.routes
         self._server = server
         self.port = server.server_address[1]
         if self.wanted_port and self.port != self.wanted_port:

@@ -1,0 +1,139 @@
+"""Rank 0's multi-rank terminal view: every rank's progress, read from the ranks' own telemetry.
+
+Each rank serves ``/progress`` (a small JSON snapshot of its open bars, step and loss) beside
+``/metrics`` on the same server; rank 0 finds the others through the endpoint files in the run
+dir and polls them from a background thread, about once a second, with short timeouts. No
+collective, no store, nothing on the training thread. A rank whose endpoint is not reachable
+(another node with ``/metrics`` bound to localhost, a dead process) shows as down.
+
+On a terminal the view is redrawn in place under the timing table; otherwise one compact line
+is written every ``log_interval`` seconds.
+
+Example::
+
+    view = RankView(run_dir, world_size=4, local=telemetry.progress_payload, console=Console())
+    view.start()
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from otel_ml.console import Console
+from otel_ml.progress import BarSnapshot
+from otel_ml.progress_view import RankStatus, compact_line, render_lines
+
+PROGRESS_PATH = "/progress"
+
+
+def status_from_payload(payload: dict[str, Any]) -> RankStatus:
+    """A :class:`RankStatus` from a ``/progress`` document."""
+    bars = [BarSnapshot(**row) for row in payload.get("bars", [])]
+    return RankStatus(
+        rank=int(payload.get("rank", 0)), bars=bars, step=payload.get("step"), loss=payload.get("loss")
+    )
+
+
+def fetch_progress(url: str, timeout: float) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+def progress_url(endpoint: dict[str, Any]) -> str | None:
+    url = endpoint.get("url")
+    if not url:
+        return None
+    return url.rsplit("/metrics", 1)[0] + PROGRESS_PATH
+
+
+class RankView:
+    """Polls every rank's ``/progress`` and draws the view (see module docstring).
+
+    Example::
+
+        RankView(Path("otel-ml-runs/r"), 2, local=lambda: {...}, console=Console()).poll()
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        world_size: int,
+        local: Callable[[], dict[str, Any]],
+        console: Console,
+        *,
+        interval: float = 1.0,
+        log_interval: float = 30.0,
+        timeout: float = 0.5,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.world_size = world_size
+        self._local = local
+        self._console = console
+        self._interval = interval
+        self._log_interval = log_interval
+        self._timeout = timeout
+        self._endpoints: dict[int, dict[str, Any]] = {}
+        self._scanned = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="otel-ml-rankview", daemon=True)
+
+    def _scan(self) -> None:
+        if time.monotonic() - self._scanned < 5.0 and len(self._endpoints) >= self.world_size:
+            return
+        self._scanned = time.monotonic()
+        for path in self.run_dir.glob("rank-*/endpoint.json"):
+            try:
+                record = json.loads(path.read_text())
+                self._endpoints[int(record["rank"])] = record
+            except (OSError, ValueError, KeyError):
+                continue
+
+    def poll(self) -> list[RankStatus]:
+        """One status per rank of the world (the local one without any network call)."""
+        local = status_from_payload(self._local())
+        self._scan()
+        statuses = [local]
+        for rank in range(self.world_size):
+            if rank == local.rank:
+                continue
+            endpoint = self._endpoints.get(rank)
+            url = progress_url(endpoint) if endpoint else None
+            if url is None:
+                statuses.append(RankStatus(rank, up=False, error="no /metrics endpoint known yet"))
+                continue
+            try:
+                statuses.append(status_from_payload(fetch_progress(url, self._timeout)))
+            except (OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", exc)
+                statuses.append(RankStatus(rank, up=False, error=f"{url}: {reason}"))
+        return statuses
+
+    def draw(self, statuses: list[RankStatus]) -> None:
+        self._console.show(render_lines(statuses), compact_line(statuses), section="ranks")
+
+    def _run(self) -> None:
+        last_line = 0.0
+        while not self._stop.wait(self._interval):
+            try:
+                statuses = self.poll()
+                if not any(s.bars for s in statuses):
+                    continue
+                if self._console.tty or time.monotonic() - last_line >= self._log_interval:
+                    self.draw(statuses)
+                    last_line = time.monotonic()
+            except Exception:  # noqa: BLE001 - the view is a courtesy; it must not die loudly
+                continue
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
