@@ -11,6 +11,7 @@ Example::
 """
 
 from otel_ml._version import __version__
+from otel_ml.anomaly import Anomaly, AnomalyError, on_anomaly
 from otel_ml.config import Config
 from otel_ml.modules import ModuleTracer, trace_modules
 from otel_ml.progress import tqdm, trange
@@ -18,6 +19,8 @@ from otel_ml.runtime import Telemetry, flush, get_telemetry, init, log, shutdown
 from otel_ml.timing import Region, span, step_end
 
 __all__ = [
+    "Anomaly",
+    "AnomalyError",
     "Config",
     "ModuleTracer",
     "Region",
@@ -27,6 +30,7 @@ __all__ = [
     "get_telemetry",
     "init",
     "log",
+    "on_anomaly",
     "shutdown",
     "span",
     "step_end",

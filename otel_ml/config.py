@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from otel_ml import _envparse as p
-from otel_ml._logging import warn_once
+from otel_ml._settings import option, resolve_values, table_rows
 
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
-def _opt(env: tuple[str, ...], parse: Callable[[str], Any], doc: str, default_doc: str = "") -> dict:
-    return {"env": env, "parse": parse, "doc": doc, "default_doc": default_doc}
+_opt = option
 
 
 @dataclass
@@ -354,6 +353,11 @@ class Config:
             "none",
         ),
     )
+    anomalies: Any = field(
+        default=None,
+        repr=False,
+        metadata={"doc": "Anomaly-detector settings (AnomalyConfig); its options are accepted flat."},
+    )
     set_global_providers: bool = field(
         default=True,
         metadata=_opt(
@@ -365,6 +369,10 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        if self.anomalies is None:
+            from otel_ml.anomaly import AnomalyConfig
+
+            self.anomalies = AnomalyConfig()
         if self.otlp_protocol not in PROTOCOLS:
             raise ValueError(f"otlp_protocol must be one of {PROTOCOLS}, not {self.otlp_protocol!r}")
         if self.files not in ("auto", "on", "off"):
@@ -391,34 +399,25 @@ class Config:
     def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> Config:
         """Build a Config: ``kwargs`` win, then ``env`` (default ``os.environ``), then defaults.
 
-        ``None`` as a keyword value means "not given". Unknown keywords raise ``TypeError``.
+        ``None`` as a keyword value means "not given". Anomaly-detector options (see
+        :class:`otel_ml.anomaly.AnomalyConfig`) are accepted flat. Unknown keywords raise
+        ``TypeError``.
         """
+        from otel_ml.anomaly import AnomalyConfig
+
         env = os.environ if env is None else env
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - set(known))
+        own = {f.name for f in dataclasses.fields(cls)}
+        detector = {f.name for f in dataclasses.fields(AnomalyConfig)}
+        unknown = sorted(set(kwargs) - own - detector)
         if unknown:
             raise TypeError(f"unknown otel_ml option(s): {', '.join(unknown)}")
-        values: dict[str, Any] = {}
-        for name, f in known.items():
-            if kwargs.get(name) is not None:
-                values[name] = kwargs[name]
-                continue
-            for var in f.metadata["env"]:
-                raw = env.get(var)
-                if raw is None or raw.strip() == "":
-                    continue
-                try:
-                    values[name] = f.metadata["parse"](raw)
-                except ValueError as exc:
-                    warn_once(
-                        f"env:{var}",
-                        "otel_ml: ignoring %s (%s); using the default %s",
-                        var,
-                        exc,
-                        f.metadata["default_doc"] or _default_text(f),
-                    )
-                    continue
-                break
+        values = resolve_values(cls, env, kwargs)
+        if kwargs.get("anomalies") is not None:
+            values["anomalies"] = kwargs["anomalies"]
+        else:
+            values["anomalies"] = AnomalyConfig.resolve(
+                env, **{k: v for k, v in kwargs.items() if k in detector}
+            )
         return cls(**values)
 
     @property
@@ -432,17 +431,9 @@ class Config:
         return self.files == "on" or (self.files == "auto" and not self.otlp_enabled)
 
 
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return repr(f.default_factory())  # type: ignore[misc]
-    return repr(f.default)
-
-
 def markdown_table() -> str:
-    """The README configuration table, generated from the :class:`Config` fields."""
-    rows = ["| option (kwarg) | environment | default | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(Config):
-        env = ", ".join(f"`{v}`" for v in f.metadata["env"]) or "-"
-        default = f.metadata["default_doc"] or f"`{_default_text(f)}`"
-        rows.append(f"| `{f.name}` | {env} | {default} | {f.metadata['doc']} |")
-    return "\n".join(rows)
+    """The README configuration table, generated from :class:`Config` and its anomaly options."""
+    from otel_ml.anomaly import AnomalyConfig
+
+    header = ["| option (kwarg) | environment | default | meaning |", "|---|---|---|---|"]
+    return "\n".join(header + table_rows(Config) + table_rows(AnomalyConfig))

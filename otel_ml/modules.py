@@ -15,8 +15,9 @@ under the region open on the thread running backward (``backward/model.backward/
 ``loss.backward()`` runs inside ``otel_ml.span("backward")`` on CPU; CUDA autograd runs on its
 own threads, where the path starts at ``model.backward``).
 
-The hooks add a few microseconds per module call; ``every=N`` times modules only on every Nth
-step (the hooks return at once on other steps).
+Hooks cost several microseconds per module call (forward and backward, more in a real loop
+with cold caches), so by default modules are timed on every 10th step (``every=10``): between
+timed steps no hook is installed at all.
 
 Example::
 
@@ -27,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -57,18 +59,17 @@ def _queue_end_of_backward(callback: Any) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-def _nodes(tensor: Any) -> list[Any]:
-    """The autograd nodes that may start a tensor's backward.
+def _node_of(tensor: Any) -> Any:
+    """The autograd node whose run marks a tensor's backward.
 
     An in-place op on a view (``ReLU(inplace=True)`` after a ``Linear`` on 3-d input) replaces
-    the view's node in the graph, so the node of the view's base is hooked too; whichever
-    runs first counts.
+    the view's node in the graph, but the node of the view's base always runs, right after the
+    view's own (cheap) node: it is the one hooked.
     """
-    nodes = [tensor.grad_fn]
-    base = getattr(tensor, "_base", None)
+    base = tensor._base
     if base is not None and base.grad_fn is not None:
-        nodes.append(base.grad_fn)
-    return nodes
+        return base.grad_fn
+    return tensor.grad_fn
 
 
 class _Backward:
@@ -140,22 +141,21 @@ class _TracedModule:
             self._hook_backward(args, output)
 
     def _hook_backward(self, args: Any, output: Any) -> None:
-        outs = [t for t in _tensors(output) if t.grad_fn is not None]
+        tracer = self.tracer
+        if output.__class__ is _tensor_type() and output.grad_fn is not None:
+            outs = [_node_of(output)]  # the common case, without walking containers
+        else:
+            found = (_node_of(t) for t in _tensors(output) if t.grad_fn is not None)
+            outs = list({id(n): n for n in found}.values())
         if not outs:
             return
-        if len(self.tracer.node_starts) > 100_000:  # no step boundaries: do not grow forever
-            self.tracer.node_starts = {}
-        ins = [n for t in _tensors(args) if t.requires_grad and t.grad_fn is not None for n in _nodes(t)]
+        ins = {id(n): n for n in (_node_of(t) for t in _tensors(args) if t.grad_fn is not None)}
         # Without inputs that need gradients (the model's root, an embedding), a module's
         # backward ends when its output node finishes (a leaf module) or when the backward
         # pass ends (a module with traced children, which run after its output node).
         backward = _Backward(self, end_with_pass=not ins and self.has_children)
-        seen = set()
-        starts = self.tracer.node_starts
-        for node in (n for t in outs for n in _nodes(t)):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
+        starts = tracer.node_starts
+        for node in outs:
             known = starts.get(id(node))
             if known is None or known[0] is not node:
                 known = starts[id(node)] = (node, _NodeStarts())
@@ -163,7 +163,7 @@ class _TracedModule:
             known[1].starts.insert(0, backward)
             if not ins and not self.has_children:
                 node.register_hook(backward.stop)
-        for node in {id(n): n for n in ins}.values():
+        for node in ins.values():
             node.register_prehook(backward.stop)
 
     # backward ----------------------------------------------------------
@@ -215,10 +215,14 @@ class _TracedModule:
 class ModuleTracer:
     """Hooks installed by :func:`trace_modules`; ``remove()`` takes them all off.
 
+    With ``every=1`` each traced module carries its own forward hooks. With ``every=N > 1`` two
+    process-wide module hooks are installed only for the steps that are timed and removed for
+    the others, so untimed steps run with no hook at all.
+
     Example::
 
         tracer = trace_modules(model, depth=1)
-        tracer.paths()  # ['TinyLM', 'TinyLM/encoder', ...]
+        tracer.paths()  # ['TinyLM', 'encoder', ...]
     """
 
     def __init__(self, backward: bool, every: int) -> None:
@@ -227,6 +231,7 @@ class ModuleTracer:
         self.active = True
         self.handles: list[Any] = []
         self.modules: dict[str, _TracedModule] = {}
+        self.by_module: dict[int, _TracedModule] = {}
         #: Output nodes of this step's forward, by id (the node is kept so the id stays unique).
         self.node_starts: dict[int, tuple[Any, _NodeStarts]] = {}
         self._steps = 0
@@ -235,21 +240,29 @@ class ModuleTracer:
         """Called at each step boundary: forget the step's nodes; time every ``every``-th step.
 
         A backward region whose closing node never ran (a pruned graph, an in-place op that
-        replaced it) is dropped here rather than left open.
+        replaced it) is dropped here rather than left open. The step's autograd nodes are freed
+        by the export thread (:func:`release_nodes`), not here on the training thread.
         """
-        self.node_starts = {}
+        if self.node_starts:
+            _retired.append(self.node_starts)
+            self.node_starts = {}
         for module in self.modules.values():
             if module.open_entries:
                 with module.lock:
                     module.open_entries.clear()
-        self._steps += 1
-        self.active = self._steps % self.every == 0
+        if self.every > 1:
+            self._steps += 1
+            active = self._steps % self.every == 0
+            if active != self.active:
+                self.active = active
+                _update_global_hooks()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
         _tracers.discard(self)
+        _update_global_hooks()
 
     def paths(self) -> list[str]:
         """Module names in hook order (qualified, ``.``-separated as in ``named_modules``)."""
@@ -257,22 +270,62 @@ class ModuleTracer:
 
 
 _tracers: set[ModuleTracer] = set()
+_retired: list[dict] = []
+_global_handles: list[Any] = []
 #: Module classes that are never called themselves; their children take their name as a prefix.
 _CONTAINERS = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
 
 
+def _tensor_type() -> type | None:
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Tensor", None)
+
+
+def _global_pre(module: Any, args: Any) -> None:
+    for tracer in _tracers:
+        if tracer.every > 1 and tracer.active:
+            item = tracer.by_module.get(id(module))
+            if item is not None:
+                item.pre(module, args)
+
+
+def _global_post(module: Any, args: Any, output: Any) -> None:
+    for tracer in _tracers:
+        if tracer.every > 1 and tracer.active:
+            item = tracer.by_module.get(id(module))
+            if item is not None:
+                item.post(module, args, output)
+
+
+def _update_global_hooks() -> None:
+    """Install the process-wide hooks while a sampled tracer times a step, remove them otherwise."""
+    wanted = any(t.every > 1 and t.active for t in _tracers)
+    if wanted and not _global_handles:
+        from torch.nn.modules import module as torch_module
+
+        _global_handles.append(torch_module.register_module_forward_pre_hook(_global_pre))
+        _global_handles.append(torch_module.register_module_forward_hook(_global_post, always_call=True))
+    elif not wanted and _global_handles:
+        for handle in _global_handles:
+            handle.remove()
+        _global_handles.clear()
+
+
 def trace_modules(
-    model: Any, depth: int | None = 2, *, backward: bool = True, every: int = 1, name: str | None = None
+    model: Any, depth: int | None = 2, *, backward: bool = True, every: int = 10, name: str | None = None
 ) -> ModuleTracer:
     """Time ``model`` and its submodules down to ``depth`` levels (None: all), forward and backward.
 
     The root region is named ``name`` (default: the model's class name); submodules use their
-    attribute names, so paths look like ``TinyLM/encoder/layers.0``. No-op under
-    ``torch.compile`` tracing and before ``init()`` (the hooks stay, and start timing after it).
+    attribute names, so paths look like ``TinyLM/encoder/layers.0``. Modules are timed on every
+    ``every``-th step (default 10; the first step is timed): hooks cost several microseconds per
+    module call, and untimed steps carry none. No-op under ``torch.compile`` tracing and before
+    ``init()``.
 
     Example::
 
-        otel_ml.trace_modules(model, depth=2)
+        otel_ml.trace_modules(model, depth=2)            # every 10th step
+        otel_ml.trace_modules(model, depth=None, every=1)  # all modules, every step
     """
     tracer = ModuleTracer(backward, every)
     root_name = name or type(model).__name__
@@ -291,13 +344,22 @@ def trace_modules(
         item = _TracedModule(tracer, local if qualified else root_name, parent)
         traced[qualified] = item
         tracer.modules[qualified or root_name] = item
-        tracer.handles.append(module.register_forward_pre_hook(item.pre))
-        tracer.handles.append(module.register_forward_hook(item.post, always_call=True))
+        tracer.by_module[id(module)] = item
+        if tracer.every == 1:
+            tracer.handles.append(module.register_forward_pre_hook(item.pre))
+            tracer.handles.append(module.register_forward_hook(item.post, always_call=True))
     _tracers.add(tracer)
+    _update_global_hooks()
     return tracer
 
 
 def step_boundary() -> None:
-    """Tell every module tracer a step ended (``every=N`` sampling)."""
+    """Tell every module tracer a step ended (on the training thread, from log()/step_end())."""
     for tracer in tuple(_tracers):
         tracer.on_step()
+
+
+def release_nodes() -> None:
+    """Drop the autograd nodes of finished steps (export thread: freeing a graph takes time)."""
+    while _retired:
+        _retired.pop()

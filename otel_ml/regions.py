@@ -31,7 +31,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_ml import semconv
 from otel_ml.histogram import LabeledHistograms
 from otel_ml.paths import PathNode
-from otel_ml.sampling import EVERY, SLOW, TraceSampler
+from otel_ml.sampling import ANOMALY, EVERY, SLOW, TraceSampler
 from otel_ml.summary import PathStats, SummaryRow, build_summary
 from otel_ml.timing import CHILD, END, ERROR, EV_END, EV_START, GPU, NODE, PARENT, START, Recorder
 
@@ -69,10 +69,13 @@ class Aggregator:
         )
         self.stats: dict[PathNode, PathStats] = {}
         self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS)
-        self.traced = {EVERY: 0, SLOW: 0}
+        self.traced = {EVERY: 0, SLOW: 0, ANOMALY: 0}
         self.steps = 0
         self.step_time = 0.0
         self.on_window: list[Callable[[int | None, float], None]] = []
+        #: Called at the start of every process() (anomaly detection runs first, so it can flag steps).
+        self.before: list[Callable[[], None]] = []
+        self._flags: dict[int | None, list[tuple[str, Mapping[str, Any]]]] = {}
         self._open: deque[list] = deque(maxlen=MAX_OPEN)
         self._window_start = recorder.started_ns
         self._lock = threading.RLock()  # on_window callbacks read the stats while processing
@@ -81,8 +84,17 @@ class Aggregator:
     def process(self) -> None:
         """Drain finished regions and closed steps (safe from any thread; serialised)."""
         with self._lock:
+            for hook in self.before:
+                hook()
             self._drain_finished()
             self._drain_boundaries()
+
+    def flag(self, step: int | None, name: str, attributes: Mapping[str, Any]) -> None:
+        """Trace ``step`` whatever the sampler says, with an event ``name`` on its root span."""
+        with self._lock:
+            if len(self._flags) > 1000:
+                self._flags.pop(next(iter(self._flags)))
+            self._flags.setdefault(step, []).append((name, dict(attributes)))
 
     def _drain_finished(self) -> None:
         finished = self.recorder.finished
@@ -129,15 +141,18 @@ class Aggregator:
                 continue
             self.steps += 1
             self.step_time += duration
-            inside = [e for e in self._open if e[END] <= end_ns]
-            if inside:
-                keep = [e for e in self._open if e[END] > end_ns]
-                self._open.clear()
-                self._open.extend(keep)
+            # Regions arrive in the order they ended, so this step's are a prefix: O(its size).
+            inside = []
+            pending = self._open
+            while pending and pending[0][END] <= end_ns:
+                inside.append(pending.popleft())
             reason = self.sampler.decide(step, duration)
+            events = self._flags.pop(step, None)
+            if events and reason is None:
+                reason = ANOMALY
             if reason is not None:
                 self.traced[reason] += 1
-                self._emit(step, start_ns, end_ns, values or {}, reason, inside)
+                self._emit(step, start_ns, end_ns, values or {}, reason, inside, events or ())
             for callback in self.on_window:
                 callback(step, duration)
 
@@ -150,6 +165,7 @@ class Aggregator:
         values: Mapping[str, Any],
         reason: str,
         entries: list,
+        events: Iterable[tuple[str, Mapping[str, Any]]] = (),
     ) -> None:
         wall = self._wall_offset
         attributes = {**self._span_attributes, semconv.ATTR_SAMPLED_BY: reason}
@@ -159,6 +175,8 @@ class Aggregator:
             if value.__class__ in (float, int) and value == value:
                 attributes[semconv.ATTR_VALUE_PREFIX + str(key)] = value
         root = self._tracer.start_span(semconv.SPAN_STEP, start_time=start_ns + wall, attributes=attributes)
+        for name, event_attributes in events:
+            root.add_event(name, event_attributes, timestamp=end_ns + wall)
         root_context = trace.set_span_in_context(root)
         spans: dict[int, Any] = {}
         for entry in sorted(entries, key=lambda e: e[START]):

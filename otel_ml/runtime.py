@@ -33,6 +33,7 @@ from opentelemetry.sdk.resources import Resource
 
 from otel_ml import progress, ranks, semconv
 from otel_ml._logging import logger, warn_once
+from otel_ml.anomaly import WATCHED, AnomalyError, AnomalyMonitor
 from otel_ml.config import Config
 from otel_ml.console import Console
 from otel_ml.exporters._worker import Sink
@@ -89,6 +90,7 @@ class Telemetry:
         self.file_sink: FileSink | None = None
         self.timekeeper: Timekeeper | None = None
         self.rank_view: RankView | None = None
+        self.anomalies: AnomalyMonitor | None = None
         self.console = Console()
         if not cfg.enabled:
             return
@@ -143,6 +145,17 @@ class Telemetry:
             self.console,
         )
         self.training.on_step = self.timekeeper.recorder.implied_step_end
+        aggregator = self.timekeeper.aggregator
+        self.anomalies = AnomalyMonitor(
+            cfg.anomalies,
+            self.rank,
+            self.run_id,
+            flag_step=aggregator.flag,
+            last_step_time=lambda: self.training.last_log_time if self.training is not None else None,
+        )
+        self.training.watch(WATCHED, self.anomalies.observations)
+        aggregator.before.append(self.anomalies.process)
+        self.anomalies.register(self.meter, self.attributes)
         pipeline.add_job(self.training.drain_durations)
         if registry is not None:
             self.server = MetricsServer(
@@ -251,6 +264,11 @@ class Telemetry:
         training = self.training
         if training is None:
             return
+        anomalies = self.anomalies
+        if anomalies is not None and anomalies.stop_requested is not None:
+            stop = anomalies.take_stop()
+            if stop is not None:
+                raise AnomalyError(stop)  # asked for with stop_on=: the one error log() raises
         try:
             training.log(step, values)
         except Exception as exc:  # noqa: BLE001 - telemetry must never break the loop

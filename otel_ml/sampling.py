@@ -17,6 +17,8 @@ from collections import deque
 
 EVERY = "every"
 SLOW = "slow"
+#: Not decided here: a step the anomaly detectors flagged is traced whatever the sampler says.
+ANOMALY = "anomaly"
 
 
 class TraceSampler:

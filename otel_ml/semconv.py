@@ -32,6 +32,7 @@ LABEL_REASON = "reason"
 LABEL_TASK = "task"
 LABEL_UNIT = "unit"
 LABEL_PARENT = "parent"
+LABEL_TYPE = "type"
 
 # Resource attributes (OTel semantic conventions where they exist, ``otel_ml.*`` otherwise).
 RESOURCE_RUN_ID = "otel_ml.run_id"
@@ -139,6 +140,14 @@ GPU_MEMORY_PEAK = MetricSpec(
     "gauge",
     "Peak CUDA memory held by tensors (torch.cuda.max_memory_allocated).",
     "torch.cuda memory stats at collection; absent without CUDA",
+    (LABEL_DEVICE,),
+)
+GPU_MEMORY_TOTAL = MetricSpec(
+    "otel_ml_gpu_memory_total_bytes",
+    "By",
+    "gauge",
+    "Memory capacity of the CUDA device (torch.cuda.get_device_properties().total_memory).",
+    "torch.cuda device properties; absent without CUDA",
     (LABEL_DEVICE,),
 )
 PROCESS_RESIDENT_MEMORY = MetricSpec(
@@ -253,6 +262,22 @@ PROGRESS_ACTIVE = MetricSpec(
     "`otel_ml.tqdm`",
     (LABEL_TASK,),
 )
+ANOMALY_ACTIVE = MetricSpec(
+    "otel_ml_anomaly_active",
+    "1",
+    "gauge",
+    "1 during an anomaly episode of this type on this rank, else 0 (series exist from startup).",
+    "in-process detectors",
+    (LABEL_TYPE,),
+)
+ANOMALIES = MetricSpec(
+    "otel_ml_anomalies",
+    "{episode}",
+    "counter",
+    "Anomaly episodes by type: nonfinite, kl_spike, loss_spike, loss_plateau, grad_explosion, stall.",
+    "in-process detectors",
+    (LABEL_TYPE,),
+)
 #: Template for any other scalar passed to log(): ``kl=`` becomes ``otel_ml_kl``.
 USER_GAUGE_UNIT = "1"
 
@@ -270,6 +295,7 @@ METRICS: tuple[MetricSpec, ...] = (
     GPU_MEMORY_ALLOCATED,
     GPU_MEMORY_RESERVED,
     GPU_MEMORY_PEAK,
+    GPU_MEMORY_TOTAL,
     PROCESS_RESIDENT_MEMORY,
     NONFINITE,
     EXPORT_ERRORS,
@@ -284,6 +310,8 @@ METRICS: tuple[MetricSpec, ...] = (
     PROGRESS_ETA,
     PROGRESS_ELAPSED,
     PROGRESS_ACTIVE,
+    ANOMALY_ACTIVE,
+    ANOMALIES,
 )
 
 #: Every Prometheus name otel_ml owns; a user key that would collide is renamed.

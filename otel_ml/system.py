@@ -7,7 +7,7 @@ so the same code runs against ``torch.cuda`` on a GPU machine and against a stan
 Example::
 
     sampler = GpuMemorySampler()          # torch.cuda when torch is already imported
-    for device, allocated, reserved, peak in sampler.read():
+    for device, allocated, reserved, peak, total in sampler.read():
         ...
 """
 
@@ -46,11 +46,12 @@ class GpuMemorySampler:
 
     Example::
 
-        list(GpuMemorySampler(backend=torch.cuda).read())  # [("cuda:0", 1024, 2097152, 4096)]
+        list(GpuMemorySampler(backend=torch.cuda).read())  # [("cuda:0", 1024, 2097152, 4096, 8e10)]
     """
 
     def __init__(self, backend: Any | None = None) -> None:
         self._backend = backend
+        self._totals: dict[int, int] = {}
 
     def _resolve(self) -> Any | None:
         if self._backend is not None:
@@ -66,7 +67,8 @@ class GpuMemorySampler:
             return None
         return None
 
-    def read(self) -> Iterator[tuple[str, int, int, int]]:
+    def read(self) -> Iterator[tuple[str, int, int, int, int]]:
+        """(device, allocated, reserved, peak, total capacity) per device this process uses."""
         backend = self._resolve()
         if backend is None:
             return
@@ -74,11 +76,15 @@ class GpuMemorySampler:
             reserved = backend.memory_reserved(index)
             if reserved == 0 and index != backend.current_device():
                 continue  # a device this process never touched
+            total = self._totals.get(index)
+            if total is None:
+                total = self._totals[index] = int(backend.get_device_properties(index).total_memory)
             yield (
                 f"cuda:{index}",
                 backend.memory_allocated(index),
                 reserved,
                 backend.max_memory_allocated(index),
+                total,
             )
 
 
@@ -88,7 +94,7 @@ def register_system_metrics(
     """Create the process memory and GPU memory gauges on ``meter``."""
     sampler = sampler or GpuMemorySampler()
     attrs = dict(attributes)
-    cache: dict[str, list[tuple[str, int, int, int]]] = {}
+    cache: dict[str, list[tuple[str, int, int, int, int]]] = {}
 
     def rss(_: CallbackOptions) -> Iterable[Observation]:
         return (Observation(resident_memory_bytes(), attrs),)
@@ -110,5 +116,6 @@ def register_system_metrics(
         (semconv.GPU_MEMORY_ALLOCATED, 1),
         (semconv.GPU_MEMORY_RESERVED, 2),
         (semconv.GPU_MEMORY_PEAK, 3),
+        (semconv.GPU_MEMORY_TOTAL, 4),
     ):
         meter.create_observable_gauge(spec.name, [gpu(column)], spec.unit, spec.description)

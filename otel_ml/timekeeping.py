@@ -81,6 +81,7 @@ class Timekeeper:
         """Pump job: turn on CUDA timing once CUDA is up (auto mode), then aggregate."""
         if self.recorder.events is None and self._cfg.cuda_timing == "auto":
             self.recorder.events = cuda_events_if_active("auto")
+        modules.release_nodes()
         self.aggregator.process()
 
     def finish(self, rank_dir: Path) -> None:

@@ -41,6 +41,7 @@ _current: ContextVar[list | None] = ContextVar("otel_ml_region", default=None)
 # Bound methods fetched once: the hot path indexes entries by number (see the slot names above).
 _get = _current.get
 _set = _current.set
+_reset = _current.reset
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,9 +119,13 @@ class Recorder:
 _recorder: Recorder | None = None
 
 
+_clock: Callable[[], int] = time.perf_counter_ns
+
+
 def install(recorder: Recorder | None) -> None:
     """Make ``recorder`` the process-wide one (``None`` turns every region into a no-op)."""
-    global _recorder
+    global _recorder, _clock
+    _clock = recorder.clock if recorder is not None else time.perf_counter_ns
     _recorder = recorder
 
 
@@ -165,19 +170,19 @@ class Region:
         if rec.events is not None:
             entry[7] = rec.events.record()
         entry[4] = _set(entry)
-        entry[1] = rec.clock()
+        entry[1] = _clock()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         entry = _get()
         if entry is None:
             return False
+        end = _clock()
         rec = _recorder
-        end = rec.clock() if rec is not None else time.perf_counter_ns()
         if entry[6] is self and entry[2] is None:
             entry[2] = end
             try:
-                _current.reset(entry[4])
+                _reset(entry[4])
             except ValueError:  # token from another context (a generator moved across tasks)
                 _set(entry[3])
         else:

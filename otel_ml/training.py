@@ -99,7 +99,9 @@ class TrainingMetrics:
         self._window: deque[tuple[float, float, float]] = deque(maxlen=window + 1)
         # Drained every pump tick and at collection; the bound only matters if the pump is gone.
         self._durations: deque[float] = deque(maxlen=MAX_QUEUED_DURATIONS)
-        self._pending: deque[tuple[str, Deferred]] = deque()
+        self._pending: deque[tuple[int, str, Deferred]] = deque()
+        self._watch: frozenset[str] = frozenset()
+        self.observations: deque[tuple[int, str, float]] = deque(maxlen=1)
 
         self._step: int | None = None
         self._step_mono: float | None = None
@@ -119,6 +121,7 @@ class TrainingMetrics:
             self._close_step(step, mono, values)
         kinds = self._kinds
         latest = self._latest
+        watch = self._watch
         for key, value in values.items():
             kind = kinds.get(key, -1)
             if kind == -1:
@@ -137,8 +140,10 @@ class TrainingMetrics:
                         self._add_count(kind, value, key)
                 else:
                     self._count_nonfinite(key)
+                if key in watch:
+                    self.observations.append((step, key, value))
             else:
-                self._ingest_slow(key, kind, value)
+                self._ingest_slow(step, key, kind, value)
         if self._saw_samples or self._saw_tokens:
             self._window.append((mono, self._samples, self._tokens))
 
@@ -169,7 +174,7 @@ class TrainingMetrics:
             warn_once("step", "otel_ml: log() step %r unusable (%s); counting steps instead", step, exc)
             return 0 if self._step is None else self._step + 1
 
-    def _ingest_slow(self, key: str, kind: int, value: Any) -> None:
+    def _ingest_slow(self, step: int, key: str, kind: int, value: Any) -> None:
         try:
             number = coerce(value)
         except Exception as exc:  # noqa: BLE001 - UnusableValueError, or exotic objects failing
@@ -181,11 +186,11 @@ class TrainingMetrics:
             if len(pending) >= MAX_PENDING:
                 pending.popleft()
                 self._health.dropped("values")
-            pending.append((key, number))
+            pending.append((step, key, number))
             return
-        self._ingest(key, kind, number)
+        self._ingest(step, key, kind, number)
 
-    def _ingest(self, key: str, kind: int, number: float) -> None:
+    def _ingest(self, step: int, key: str, kind: int, number: float) -> None:
         if number - number == 0.0:
             if kind == _GAUGE:
                 self._latest[key] = number
@@ -193,6 +198,13 @@ class TrainingMetrics:
                 self._add_count(kind, number, key)
         else:
             self._count_nonfinite(key)
+        if key in self._watch:
+            self.observations.append((step, key, number))
+
+    def watch(self, keys: frozenset[str], queue: deque) -> None:
+        """Append ``(step, key, value)`` of these keys to ``queue`` (the anomaly detectors' input)."""
+        self.observations = queue
+        self._watch = keys
 
     def _add_count(self, kind: int, value: float, key: str) -> None:
         if value < 0:
@@ -254,7 +266,7 @@ class TrainingMetrics:
         """Resolve deferred device values and record queued durations (collection thread)."""
         pending = self._pending
         while pending:
-            key, deferred = pending[0]
+            step, key, deferred = pending[0]
             try:
                 if not deferred.ready():
                     break
@@ -264,7 +276,7 @@ class TrainingMetrics:
                 number = None
             pending.popleft()
             if number is not None:
-                self._ingest(key, self._kinds.get(key) or _GAUGE, number)
+                self._ingest(step, key, self._kinds.get(key) or _GAUGE, number)
         self.drain_durations()
 
     def drain_durations(self) -> None:
@@ -365,6 +377,11 @@ class TrainingMetrics:
             return ()
 
         return callback
+
+    @property
+    def last_log_time(self) -> float | None:
+        """Wall-clock time of the last ``log()`` call."""
+        return self._last_wall
 
     @property
     def step(self) -> int | None:

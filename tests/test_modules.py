@@ -75,7 +75,7 @@ def _counts(agg: Aggregator) -> dict[str, int]:
 
 def test_forward_and_backward_paths_follow_the_module_tree(aggregator):
     net = Net()
-    tracer = otel_ml.trace_modules(net, depth=2)
+    tracer = otel_ml.trace_modules(net, depth=2, every=1)
     assert tracer.paths() == [
         "Net",
         "embed",
@@ -108,7 +108,7 @@ def test_forward_and_backward_paths_follow_the_module_tree(aggregator):
 
 def test_backward_regions_nest_and_fit_inside_the_backward_pass(aggregator):
     net = Net()
-    tracer = otel_ml.trace_modules(net, depth=1)
+    tracer = otel_ml.trace_modules(net, depth=1, every=1)
     _train(net, 2, aggregator.recorder)
     aggregator.process()
     stats = {n.path: s for n, s in aggregator.stats.items()}
@@ -124,7 +124,7 @@ def test_all_depths_with_inplace_relu_still_trains(aggregator):
     baseline = _train(Net(), 5, aggregator.recorder)
     torch.manual_seed(1)
     net = Net()
-    tracer = otel_ml.trace_modules(net, depth=None)
+    tracer = otel_ml.trace_modules(net, depth=None, every=1)
     traced = _train(net, 5, aggregator.recorder)
     assert traced == pytest.approx(baseline)  # same numbers with the hooks on
     counts = _counts(aggregator)
@@ -151,6 +151,26 @@ def test_remove_takes_every_hook_off(aggregator):
     _train(net, 2, aggregator.recorder)
     assert set(_counts(aggregator)) == {"forward", "backward"}
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+    from torch.nn.modules import module as torch_module
+
+    assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+
+
+def test_by_default_only_every_tenth_step_carries_any_hook(aggregator):
+    from torch.nn.modules import module as torch_module
+
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1)
+    assert tracer.every == 10
+    installed = []
+    for step in range(21):
+        installed.append(bool(torch_module._global_forward_hooks))
+        _train(net, 1, aggregator.recorder)  # one step, closed by step_end
+    assert [i for i, on in enumerate(installed) if on] == [0, 10, 20]
+    assert _counts(aggregator)["forward/Net/head"] == 3
+    assert not any(m._forward_hooks for m in net.modules())  # sampled mode uses the global hooks only
+    tracer.remove()
+    assert not torch_module._global_forward_hooks
 
 
 def test_an_exception_in_forward_closes_the_module_region(aggregator):
@@ -159,7 +179,7 @@ def test_an_exception_in_forward_closes_the_module_region(aggregator):
             raise ValueError("bad batch")
 
     model = nn.Sequential(nn.Linear(2, 2), Broken())
-    tracer = otel_ml.trace_modules(model, depth=1)
+    tracer = otel_ml.trace_modules(model, depth=1, every=1)
     with pytest.raises(ValueError, match="bad batch"):
         model(torch.zeros(1, 2))
     assert timing.current_path() is None

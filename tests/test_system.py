@@ -27,6 +27,12 @@ class TwoGpuAllocator:
     def max_memory_allocated(self, index: int) -> int:
         return {0: 3000, 1: 0, 2: 5000}[index]
 
+    def get_device_properties(self, index: int):
+        class Properties:
+            total_memory = {0: 16384, 1: 16384, 2: 32768}[index]
+
+        return Properties()
+
 
 def test_resident_memory_is_positive_and_plausible():
     rss = resident_memory_bytes()
@@ -35,7 +41,7 @@ def test_resident_memory_is_positive_and_plausible():
 
 def test_gpu_sampler_reports_used_devices_only():
     rows = list(GpuMemorySampler(TwoGpuAllocator()).read())
-    assert rows == [("cuda:0", 1024, 4096, 3000), ("cuda:2", 2048, 8192, 5000)]
+    assert rows == [("cuda:0", 1024, 4096, 3000, 16384), ("cuda:2", 2048, 8192, 5000, 32768)]
 
 
 def test_gpu_sampler_without_cuda_reports_nothing():
@@ -53,4 +59,5 @@ def test_gpu_gauges_carry_device_rank_and_run_id():
     assert value(got, "otel_ml_gpu_memory_allocated_bytes", device="cuda:2", rank="1", run_id="r") == 2048
     assert value(got, "otel_ml_gpu_memory_reserved_bytes", device="cuda:0") == 4096
     assert value(got, "otel_ml_gpu_memory_peak_bytes", device="cuda:2") == 5000
+    assert value(got, "otel_ml_gpu_memory_total_bytes", device="cuda:2") == 32768
     assert value(got, "otel_ml_process_resident_memory_bytes", rank="1") > 0

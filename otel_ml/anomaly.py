@@ -1,0 +1,339 @@
+"""In-process anomaly detection: NaN/Inf, KL and loss spikes, loss plateaus, exploding gradients, stalls.
+
+``log()`` only appends the values of watched keys (``loss``, ``grad_norm``, ``kl``) to a queue;
+:class:`AnomalyMonitor` runs the detectors on the export thread (every pump tick and before
+each collection), on values already read for export, so nothing forces a GPU sync. Each
+anomaly *episode* (from the first anomalous value to the first normal one) increments
+``otel_ml_anomalies_total{type}``, holds ``otel_ml_anomaly_active{type}`` at 1, forces a trace of
+that step with an ``otel_ml.anomaly`` event on its root span, logs one warning, and calls the
+callbacks registered with :func:`otel_ml.on_anomaly` (on the export thread). With
+``stop_on=["nonfinite"]`` the next ``log()`` raises :class:`AnomalyError`.
+
+Example::
+
+    otel_ml.init(stop_on=["nonfinite"], kl_max=5.0)
+    try:
+        for step, batch in enumerate(loader):
+            ...
+            otel_ml.log(step, loss=loss, kl=kl)
+    except otel_ml.AnomalyError as err:
+        save_checkpoint(); print(err.anomaly)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+from otel_ml import _envparse as p
+from otel_ml import semconv
+from otel_ml._logging import logger, warn_once
+from otel_ml._settings import option, resolve_values
+from otel_ml.detectors import ExplosionDetector, PlateauDetector, SpikeDetector
+
+NONFINITE, KL_SPIKE, LOSS_SPIKE, LOSS_PLATEAU, GRAD_EXPLOSION, STALL = TYPES = (
+    "nonfinite",
+    "kl_spike",
+    "loss_spike",
+    "loss_plateau",
+    "grad_explosion",
+    "stall",
+)
+#: Keys whose values the detectors read.
+WATCHED = frozenset({"loss", "grad_norm", "kl"})
+
+
+def _types(raw: str) -> tuple[str, ...]:
+    chosen = tuple(t.strip().lower() for t in raw.split(",") if t.strip())
+    bad = [t for t in chosen if t not in TYPES]
+    if bad:
+        raise ValueError(f"unknown anomaly type(s) {', '.join(bad)}; known: {', '.join(TYPES)}")
+    return chosen
+
+
+@dataclass
+class AnomalyConfig:
+    """Detector settings; every option is also an ``init()`` keyword (see README for the table).
+
+    Example::
+
+        AnomalyConfig.resolve(kl_max=5.0).kl_max  # 5.0
+    """
+
+    anomaly_detection: bool = field(
+        default=True, metadata=option(("OTEL_ML_ANOMALIES",), p.parse_bool, "Run the in-process detectors.")
+    )
+    stop_on: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            ("OTEL_ML_STOP_ON",),
+            _types,
+            "Anomaly types (comma-separated) after which the next log() raises `otel_ml.AnomalyError`.",
+            "none",
+        ),
+    )
+    kl_max: float = field(
+        default=0.0,
+        metadata=option(("OTEL_ML_KL_MAX",), p.seconds_parser(1, 0.0), "KL above this is a spike (0: off)."),
+    )
+    kl_zscore: float = field(
+        default=6.0,
+        metadata=option(
+            ("OTEL_ML_KL_ZSCORE",),
+            p.seconds_parser(1, 0.0),
+            "KL more than this many standard deviations above its rolling mean is a spike (0: off).",
+        ),
+    )
+    loss_spike_zscore: float = field(
+        default=6.0,
+        metadata=option(
+            ("OTEL_ML_LOSS_SPIKE_ZSCORE",),
+            p.seconds_parser(1, 0.0),
+            "Loss this many standard deviations (and 50%) above its rolling mean is a spike (0: off).",
+        ),
+    )
+    spike_window: int = field(
+        default=100,
+        metadata=option(
+            ("OTEL_ML_SPIKE_WINDOW",), p.int_parser(2), "Values in the rolling window of the spike detectors."
+        ),
+    )
+    plateau_patience: int = field(
+        default=1000,
+        metadata=option(
+            ("OTEL_ML_PLATEAU_PATIENCE",),
+            p.int_parser(0),
+            "Logged losses without improvement before a plateau is reported (0: off).",
+        ),
+    )
+    plateau_tolerance: float = field(
+        default=0.01,
+        metadata=option(
+            ("OTEL_ML_PLATEAU_TOLERANCE",),
+            p.seconds_parser(1, 0.0),
+            "Relative drop of the smoothed loss (50-value mean) that counts as an improvement.",
+        ),
+    )
+    grad_norm_max: float = field(
+        default=0.0,
+        metadata=option(
+            ("OTEL_ML_GRAD_NORM_MAX",),
+            p.seconds_parser(1, 0.0),
+            "Gradient norm above this explodes (0: off).",
+        ),
+    )
+    grad_explosion_factor: float = field(
+        default=10.0,
+        metadata=option(
+            ("OTEL_ML_GRAD_EXPLOSION_FACTOR",),
+            p.seconds_parser(1, 0.0),
+            "Gradient norm above this times its rolling mean explodes (0: off).",
+        ),
+    )
+    stall_seconds: float = field(
+        default=600.0,
+        metadata=option(
+            ("OTEL_ML_STALL_SECONDS",),
+            p.seconds_parser(1, 0.0),
+            "No log() for this long, while the process lives, is a stall (0: off).",
+        ),
+    )
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> AnomalyConfig:
+        values = resolve_values(cls, os.environ if env is None else env, kwargs)
+        if "stop_on" in values:
+            chosen = values["stop_on"]
+            values["stop_on"] = _types(chosen) if isinstance(chosen, str) else _types(",".join(chosen))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """One anomaly episode as it started."""
+
+    type: str
+    step: int | None
+    key: str
+    value: float
+    rank: int
+    run_id: str
+    message: str
+
+
+class AnomalyError(RuntimeError):
+    """Raised by ``log()`` after an anomaly whose type is in ``stop_on``.
+
+    Example::
+
+        except otel_ml.AnomalyError as err:
+            print(err.anomaly.type, err.anomaly.step)
+    """
+
+    def __init__(self, anomaly: Anomaly) -> None:
+        super().__init__(f"otel_ml stopped training: {anomaly.message}")
+        self.anomaly = anomaly
+
+
+_callbacks: list[Callable[[Anomaly], None]] = []
+
+
+def on_anomaly(callback: Callable[[Anomaly], None]) -> Callable[[Anomaly], None]:
+    """Call ``callback(anomaly)`` when an episode starts (on the export thread; keep it quick).
+
+    Usable as a decorator::
+
+        @otel_ml.on_anomaly
+        def page_me(anomaly): ...
+    """
+    _callbacks.append(callback)
+    return callback
+
+
+class AnomalyMonitor:
+    """Runs the detectors on logged values and tracks episodes (see module docstring).
+
+    Example::
+
+        monitor = AnomalyMonitor(AnomalyConfig(), rank=0, run_id="r")
+        monitor.observations.append((3, "loss", float("nan")))
+        monitor.process()
+        monitor.active["nonfinite"]  # 1
+    """
+
+    def __init__(
+        self,
+        config: AnomalyConfig,
+        rank: int,
+        run_id: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        flag_step: Callable[[int | None, str, Mapping[str, Any]], None] | None = None,
+        last_step_time: Callable[[], float | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.run_id = run_id
+        self._clock = clock
+        self._flag_step = flag_step
+        self._last_step_time = last_step_time or (lambda: None)
+        self.observations: deque[tuple[int | None, str, float]] = deque(maxlen=100_000)
+        self.active = dict.fromkeys(TYPES, 0)
+        self.counts = dict.fromkeys(TYPES, 0)
+        self.stop_requested: Anomaly | None = None
+        self._lock = threading.Lock()
+        self._nonfinite_keys: set[str] = set()
+        c = config
+        self._detectors: dict[str, tuple[str, Any]] = {
+            "loss": (LOSS_SPIKE, SpikeDetector(c.spike_window, c.loss_spike_zscore)),
+            "kl": (KL_SPIKE, SpikeDetector(c.spike_window, c.kl_zscore, maximum=c.kl_max)),
+            "grad_norm": (
+                GRAD_EXPLOSION,
+                ExplosionDetector(c.grad_explosion_factor, c.grad_norm_max, c.spike_window),
+            ),
+        }
+        self._plateau = PlateauDetector(c.plateau_patience, c.plateau_tolerance)
+
+    def process(self) -> None:
+        """Drain queued values through the detectors, then check for a stall."""
+        if not self.config.anomaly_detection:
+            self.observations.clear()
+            return
+        with self._lock:
+            observations = self.observations
+            for _ in range(len(observations)):
+                step, key, value = observations.popleft()
+                self._observe(step, key, value)
+            self._check_stall()
+
+    def _observe(self, step: int | None, key: str, value: float) -> None:
+        if not math.isfinite(value):
+            if key in ("loss", "grad_norm"):
+                self._nonfinite_keys.add(key)
+                self._set(NONFINITE, True, step, key, value, f"{key} is {value} at step {step}")
+            return
+        if key in self._nonfinite_keys:
+            self._nonfinite_keys.discard(key)
+            if not self._nonfinite_keys:
+                self._set(NONFINITE, False, step, key, value, "")
+        detector = self._detectors.get(key)
+        if detector is not None:
+            kind, instance = detector
+            anomalous = instance.observe(value)
+            self._set(kind, anomalous, step, key, value, f"{key} {value:.6g} at step {step} is a {kind}")
+        if key == "loss":
+            plateau = self._plateau.observe(value)
+            message = f"loss has not improved for {self._plateau.since} logged steps (now {value:.6g})"
+            self._set(LOSS_PLATEAU, plateau, step, key, value, message)
+
+    def _check_stall(self) -> None:
+        limit = self.config.stall_seconds
+        last = self._last_step_time()
+        if limit <= 0 or last is None:
+            return
+        idle = self._clock() - last
+        self._set(STALL, idle > limit, None, "step", idle, f"no step for {idle:.0f} s (limit {limit:.0f} s)")
+
+    def _set(
+        self, kind: str, anomalous: bool, step: int | None, key: str, value: float, message: str
+    ) -> None:
+        if anomalous == bool(self.active[kind]):
+            return
+        self.active[kind] = int(anomalous)
+        if not anomalous:
+            logger.info("otel_ml: %s on rank %d ended", kind, self.rank)
+            return
+        self.counts[kind] += 1
+        anomaly = Anomaly(
+            kind, step, key, value, self.rank, self.run_id, f"{kind} on rank {self.rank}: {message}"
+        )
+        logger.warning("otel_ml: anomaly %s", anomaly.message)
+        if self._flag_step is not None:
+            attributes = {
+                "otel_ml.anomaly.type": kind,
+                "otel_ml.anomaly.key": key,
+                "otel_ml.anomaly.value": value,
+            }
+            self._flag_step(step, "otel_ml.anomaly", attributes)
+        if kind in self.config.stop_on and self.stop_requested is None:
+            self.stop_requested = anomaly
+        for callback in list(_callbacks):
+            try:
+                callback(anomaly)
+            except Exception as exc:  # noqa: BLE001 - a user callback must not stop detection
+                warn_once(
+                    f"anomaly-callback:{id(callback)}",
+                    "otel_ml: anomaly callback %r failed: %s",
+                    callback,
+                    exc,
+                )
+
+    def take_stop(self) -> Anomaly | None:
+        """The anomaly that should stop training, once (the training thread raises it)."""
+        anomaly, self.stop_requested = self.stop_requested, None
+        return anomaly
+
+    def register(self, meter: Meter, attributes: Mapping[str, str]) -> None:
+        attrs = dict(attributes)
+
+        def series(values: dict[str, int]) -> Iterable[Observation]:
+            self.process()
+            return [Observation(n, {**attrs, semconv.LABEL_TYPE: t}) for t, n in list(values.items())]
+
+        for spec, values in ((semconv.ANOMALY_ACTIVE, self.active), (semconv.ANOMALIES, self.counts)):
+            create = (
+                meter.create_observable_gauge if spec.kind == "gauge" else meter.create_observable_counter
+            )
+
+            def callback(_: CallbackOptions, values: dict[str, int] = values) -> Iterable[Observation]:
+                return series(values)
+
+            create(spec.name, [callback], spec.unit, spec.description)

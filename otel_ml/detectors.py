@@ -1,0 +1,147 @@
+"""Anomaly detectors on a stream of values (pure: value in, "anomalous now?" out).
+
+Each detector keeps O(window) state and does O(1) work per value. Anomalous values are not
+added to the rolling statistics, so one spike does not widen the band that detects the next.
+
+Example::
+
+    spike = SpikeDetector(window=100, zscore=6.0, min_rise=0.5)
+    [spike.observe(v) for v in [1.0] * 50 + [9.0]][-1]  # True
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+
+class RollingStats:
+    """Mean and standard deviation of the last ``window`` values (running sums, O(1) per value).
+
+    Example::
+
+        s = RollingStats(3); [s.add(v) for v in (1, 2, 3, 4)]; s.mean  # 3.0
+    """
+
+    def __init__(self, window: int) -> None:
+        self._values: deque[float] = deque()
+        self._window = window
+        self._sum = 0.0
+        self._sumsq = 0.0
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+        self._sum += value
+        self._sumsq += value * value
+        if len(self._values) > self._window:
+            old = self._values.popleft()
+            self._sum -= old
+            self._sumsq -= old * old
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def mean(self) -> float:
+        return self._sum / len(self._values) if self._values else math.nan
+
+    @property
+    def std(self) -> float:
+        n = len(self._values)
+        if n < 2:
+            return 0.0
+        variance = (self._sumsq - self._sum * self._sum / n) / (n - 1)
+        return math.sqrt(max(0.0, variance))
+
+
+class SpikeDetector:
+    """A value is a spike when above ``maximum`` (if set), or, after ``warmup`` values, above
+    ``mean + zscore * std`` of the window and at least ``min_rise`` (relative) above the mean.
+
+    Example::
+
+        SpikeDetector(zscore=4.0).observe(1.0)  # False
+    """
+
+    def __init__(
+        self,
+        window: int = 100,
+        zscore: float = 6.0,
+        min_rise: float = 0.5,
+        warmup: int = 20,
+        maximum: float = 0.0,
+    ) -> None:
+        self.stats = RollingStats(window)
+        self.zscore = zscore
+        self.min_rise = min_rise
+        self.warmup = warmup
+        self.maximum = maximum
+
+    def observe(self, value: float) -> bool:
+        if self.maximum > 0 and value > self.maximum:
+            return True
+        stats = self.stats
+        if self.zscore > 0 and len(stats) >= self.warmup:
+            mean = stats.mean
+            limit = mean + self.zscore * stats.std
+            if value > limit and value - mean > self.min_rise * abs(mean):
+                return True
+        stats.add(value)
+        return False
+
+
+class PlateauDetector:
+    """No improvement of the rolling mean by more than ``tolerance`` (relative) for ``patience`` values.
+
+    The rolling mean (over ``smoothing`` values) keeps noise from resetting the clock.
+
+    Example::
+
+        p = PlateauDetector(patience=3, smoothing=1)
+        [p.observe(v) for v in (5, 4, 4, 4, 4)]  # [False, False, False, False, True]
+    """
+
+    def __init__(self, patience: int = 1000, tolerance: float = 0.01, smoothing: int = 50) -> None:
+        self.patience = patience
+        self.tolerance = tolerance
+        self.stats = RollingStats(smoothing)
+        self.best = math.inf
+        self.since = 0
+
+    def observe(self, value: float) -> bool:
+        if self.patience <= 0:
+            return False
+        self.stats.add(value)
+        level = self.stats.mean
+        if level < self.best - self.tolerance * abs(self.best) or math.isinf(self.best):
+            self.best = level
+            self.since = 0
+            return False
+        self.since += 1
+        return self.since >= self.patience
+
+
+class ExplosionDetector:
+    """Above ``maximum`` (if set), or above ``factor`` times the rolling mean after ``warmup`` values.
+
+    Example::
+
+        e = ExplosionDetector(factor=10.0, warmup=3)
+        [e.observe(v) for v in (1, 1, 1, 50)][-1]  # True
+    """
+
+    def __init__(
+        self, factor: float = 10.0, maximum: float = 0.0, window: int = 100, warmup: int = 20
+    ) -> None:
+        self.factor = factor
+        self.maximum = maximum
+        self.warmup = warmup
+        self.stats = RollingStats(window)
+
+    def observe(self, value: float) -> bool:
+        if self.maximum > 0 and value > self.maximum:
+            return True
+        if self.factor > 0 and len(self.stats) >= self.warmup and value > self.factor * self.stats.mean:
+            return True
+        self.stats.add(value)
+        return False

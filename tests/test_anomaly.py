@@ -1,0 +1,236 @@
+"""Anomaly detectors on synthetic series, episodes, stalls (fake clock), stop_on, events, callbacks."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import otel_ml
+from otel_ml import anomaly, runtime
+from otel_ml.anomaly import TYPES, AnomalyConfig, AnomalyError, AnomalyMonitor
+from otel_ml.config import Config
+from otel_ml.detectors import ExplosionDetector, PlateauDetector, RollingStats, SpikeDetector
+from tests.support.metrics import points, value
+
+
+def test_rolling_stats_match_the_window():
+    stats = RollingStats(3)
+    for v in (10.0, 1.0, 2.0, 3.0):
+        stats.add(v)
+    assert stats.mean == 2.0 and stats.std == pytest.approx(1.0) and len(stats) == 3
+
+
+def test_spike_detector_needs_warmup_and_both_a_zscore_and_a_relative_rise():
+    spike = SpikeDetector(window=50, zscore=4.0, min_rise=0.5, warmup=10)
+    noisy = [1.0 + 0.01 * (i % 5) for i in range(30)]
+    assert not any(spike.observe(v) for v in noisy)
+    assert not spike.observe(1.2)  # many sigmas above, but only 20% above the mean
+    assert spike.observe(5.0)
+    assert not spike.observe(1.01)  # back to normal: the spike did not widen the band
+    assert spike.observe(5.0)
+    early = SpikeDetector(warmup=10)
+    assert not early.observe(100.0)  # no verdict before warmup
+
+
+def test_spike_detector_absolute_maximum():
+    kl = SpikeDetector(zscore=0, maximum=5.0)
+    assert [kl.observe(v) for v in (0.1, 4.9, 5.1, 0.2)] == [False, False, True, False]
+
+
+def test_plateau_detector_uses_patience_and_tolerance():
+    plateau = PlateauDetector(patience=5, tolerance=0.01, smoothing=1)
+    improving = [plateau.observe(10.0 - i) for i in range(5)]
+    flat = [plateau.observe(5.99) for _ in range(6)]
+    assert improving == [False] * 5
+    assert flat == [False, False, False, False, True, True]
+    assert plateau.observe(4.0) is False  # an improvement ends the plateau
+    assert PlateauDetector(patience=0).observe(1.0) is False
+
+
+def test_explosion_detector_factor_and_maximum():
+    grad = ExplosionDetector(factor=10.0, warmup=3)
+    assert [grad.observe(v) for v in (1.0, 1.2, 0.8, 1.1, 50.0, 1.0)] == [False] * 4 + [True, False]
+    assert ExplosionDetector(factor=0, maximum=100).observe(101) is True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _monitor(**config):
+    clock = Clock()
+    flagged = []
+    last = {"t": None}
+    monitor = AnomalyMonitor(
+        AnomalyConfig(**config),
+        rank=3,
+        run_id="r",
+        clock=clock,
+        flag_step=lambda step, name, attrs: flagged.append((step, name, dict(attrs))),
+        last_step_time=lambda: last["t"],
+    )
+    return monitor, clock, flagged, last
+
+
+def test_nan_episode_counts_once_logs_once_and_flags_its_step(caplog):
+    caplog.set_level(logging.WARNING, logger="otel_ml")
+    monitor, _, flagged, _ = _monitor()
+    for step, loss in enumerate([1.0, math.nan, math.nan, math.inf, 0.9, math.nan]):
+        monitor.observations.append((step, "loss", loss))
+    monitor.process()
+    assert monitor.counts["nonfinite"] == 2  # steps 1-3 are one episode, step 5 a second
+    assert monitor.active["nonfinite"] == 1
+    assert [f[0] for f in flagged if f[2]["otel_ml.anomaly.type"] == "nonfinite"] == [1, 5]
+    warnings = [r.getMessage() for r in caplog.records if "nonfinite" in r.getMessage()]
+    assert len(warnings) == 2 and "rank 3" in warnings[0] and "step 1" in warnings[0]
+
+
+def test_kl_spike_against_an_absolute_threshold_and_the_rolling_band():
+    monitor, _, _, _ = _monitor(kl_max=5.0)
+    for step in range(30):
+        monitor.observations.append((step, "kl", 0.1 + 0.001 * (step % 3)))
+    monitor.observations.append((30, "kl", 3.0))  # far above a tight band
+    monitor.process()
+    assert monitor.counts["kl_spike"] == 1 and monitor.active["kl_spike"] == 1
+    monitor.observations.append((31, "kl", 0.1))
+    monitor.observations.append((32, "kl", 6.0))  # above kl_max
+    monitor.process()
+    assert monitor.counts["kl_spike"] == 2
+
+
+def test_loss_plateau_and_grad_explosion():
+    monitor, _, _, _ = _monitor(plateau_patience=60, spike_window=100)
+    for step in range(200):
+        monitor.observations.append((step, "loss", 1.0))
+        monitor.observations.append((step, "grad_norm", 1.0 if step != 150 else 80.0))
+    monitor.process()
+    assert monitor.active["loss_plateau"] == 1 and monitor.counts["loss_plateau"] == 1
+    assert monitor.counts["grad_explosion"] == 1 and monitor.active["grad_explosion"] == 0
+
+
+def test_stall_is_detected_from_the_clock_and_ends_with_the_next_step():
+    monitor, clock, _, last = _monitor(stall_seconds=60)
+    monitor.process()
+    assert monitor.active["stall"] == 0  # no step yet: nothing to stall
+    last["t"] = clock.now
+    clock.now += 59
+    monitor.process()
+    assert monitor.active["stall"] == 0
+    clock.now += 2
+    monitor.process()
+    assert monitor.active["stall"] == 1 and monitor.counts["stall"] == 1
+    last["t"] = clock.now
+    monitor.process()
+    assert monitor.active["stall"] == 0
+
+
+def test_all_types_export_from_startup_with_rank_and_run_id():
+    monitor, _, _, _ = _monitor()
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    monitor.register(provider.get_meter("t"), {"rank": "3", "run_id": "r"})
+    monitor.observations.append((0, "loss", math.nan))
+    got = points(reader)
+    for kind in TYPES:
+        expected = 1 if kind == "nonfinite" else 0
+        assert value(got, "otel_ml_anomaly_active", type=kind, rank="3", run_id="r") == expected
+        assert value(got, "otel_ml_anomalies", type=kind) == expected
+
+
+def test_disabled_detection_keeps_nothing():
+    monitor, _, _, _ = _monitor(anomaly_detection=False)
+    monitor.observations.append((0, "loss", math.nan))
+    monitor.process()
+    assert monitor.counts["nonfinite"] == 0 and not monitor.observations
+
+
+def test_callbacks_get_the_anomaly_and_a_failing_one_is_contained(monkeypatch, caplog):
+    seen = []
+    monkeypatch.setattr(anomaly, "_callbacks", [])
+    otel_ml.on_anomaly(seen.append)
+
+    @otel_ml.on_anomaly
+    def broken(_):
+        raise RuntimeError("pager down")
+
+    monitor, _, _, _ = _monitor()
+    monitor.observations.append((7, "grad_norm", math.inf))
+    monitor.process()
+    assert [(a.type, a.step, a.key, a.rank) for a in seen] == [("nonfinite", 7, "grad_norm", 3)]
+    assert "pager down" in caplog.text
+
+
+def test_config_from_env_and_kwargs():
+    cfg = Config.resolve(
+        env={"OTEL_ML_STOP_ON": "nonfinite, kl_spike", "OTEL_ML_KL_MAX": "2.5"}, stall_seconds=30
+    )
+    assert cfg.anomalies.stop_on == ("nonfinite", "kl_spike")
+    assert (cfg.anomalies.kl_max, cfg.anomalies.stall_seconds) == (2.5, 30)
+    assert Config.resolve(env={}, stop_on=["stall"]).anomalies.stop_on == ("stall",)
+    with pytest.raises(ValueError, match="unknown anomaly type"):
+        Config.resolve(env={}, stop_on=["explosions"])
+
+
+def test_stop_on_raises_from_the_next_log_with_the_anomaly(tmp_path):
+    runtime._current = None
+    t = otel_ml.init(
+        prometheus_port=0,
+        run_dir=str(tmp_path),
+        run_id="s",
+        stop_on=["nonfinite"],
+        set_global_providers=False,
+    )
+    try:
+        otel_ml.log(0, loss=1.0)
+        otel_ml.log(1, loss=float("nan"))
+        t.anomalies.process()  # the export thread would do this within half a second
+        with pytest.raises(AnomalyError, match="nonfinite on rank 0") as caught:
+            otel_ml.log(2, loss=1.0)
+        assert caught.value.anomaly.step == 1
+        otel_ml.log(3, loss=1.0)  # raised once; training may decide to go on
+    finally:
+        t.shutdown()
+        runtime._current = None
+
+
+def test_an_anomaly_forces_a_trace_of_its_step_with_an_event(tmp_path):
+    import json
+
+    runtime._current = None
+    t = otel_ml.init(
+        prometheus_port=0,
+        run_dir=str(tmp_path / "{run_id}"),
+        run_id="ev",
+        trace_every=0,
+        set_global_providers=False,
+    )
+    for step in range(5):
+        otel_ml.log(step, loss=float("nan") if step == 3 else 1.0)
+    t.shutdown()
+    runtime._current = None
+    lines = (tmp_path / "ev" / "rank-0" / "spans.otlp.jsonl").read_text().splitlines()
+    spans = [
+        s
+        for line in lines
+        for rs in json.loads(line)["resourceSpans"]
+        for ss in rs["scopeSpans"]
+        for s in ss["spans"]
+    ]
+    (traced,) = spans
+    attrs = {a["key"]: a["value"] for a in traced["attributes"]}
+    assert attrs["otel_ml.step"] == {"intValue": "3"} and attrs["otel_ml.sampled_by"] == {
+        "stringValue": "anomaly"
+    }
+    (event,) = traced["events"]
+    assert event["name"] == "otel_ml.anomaly"
+    assert {a["key"]: a["value"] for a in event["attributes"]}["otel_ml.anomaly.type"] == {
+        "stringValue": "nonfinite"
+    }
