@@ -85,7 +85,9 @@ def worker(args: argparse.Namespace) -> int:
             hidden = self.encoder(self.embed(tokens) + self.pos, mask=self.mask, is_causal=True)
             return self.head(hidden)
 
-    model = nn.parallel.DistributedDataParallel(TinyLM())
+    # The causal mask is a constant buffer: broadcasting buffers every forward (DDP's default)
+    # would make fast ranks wait inside forward and hide a straggler's slow forward.
+    model = nn.parallel.DistributedDataParallel(TinyLM(), broadcast_buffers=False)
     otel_ml.trace_modules(model.module, depth=2)  # forward and backward time per module
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     warmup = max(1, args.steps // 10)

@@ -163,7 +163,7 @@ def test_by_default_only_every_tenth_step_carries_any_hook(aggregator):
     tracer = otel_ml.trace_modules(net, depth=1)
     assert tracer.every == 10
     installed = []
-    for step in range(21):
+    for _ in range(21):
         installed.append(bool(torch_module._global_forward_hooks))
         _train(net, 1, aggregator.recorder)  # one step, closed by step_end
     assert [i for i, on in enumerate(installed) if on] == [0, 10, 20]

@@ -41,6 +41,11 @@ def alertmanager_binary() -> str:
     return _binary("prometheus-alertmanager")
 
 
+@pytest.fixture(scope="session")
+def amtool_binary() -> str:
+    return _binary("amtool")
+
+
 class Processes:
     """Starts child processes in their own session and kills what is left at teardown."""
 
