@@ -54,7 +54,7 @@ class WebhookReceiver:
             found = [a for a in self.alerts() if predicate(a)]
             return found or None
 
-        return wait_until(probe, timeout, 0.25, "webhook alert")
+        return wait_until(probe, timeout, 0.25, f"webhook alert (received so far: {self.alerts()})")
 
     def __enter__(self) -> WebhookReceiver:
         self._thread.start()

@@ -1,0 +1,157 @@
+"""Alerts end to end: real 2-rank training runs, the Debian Prometheus with the shipped rules, the
+Debian Alertmanager with the shipped config, and a webhook receiver.
+
+Only time is compressed for the test: every duration in the shipped rule files (``for:``, range
+selectors, offsets) is divided by 20 (at least 3 s), so a 10-minute straggler condition holds
+for 30 s; scrape and evaluation run every second. The expressions are the shipped ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from otel_ml.cli import endpoint_files, file_sd_targets
+from tests.support.alertmanager import AlertmanagerServer, WebhookReceiver, config_for_test
+from tests.support.net import free_port_block, wait_until
+from tests.support.prometheus import PrometheusServer
+
+pytestmark = pytest.mark.integration
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yaml"))
+_DURATION = re.compile(r"(?<![\w.])(\d+)(ms|s|m|h|d)\b")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def compress(text: str, factor: float = 20.0, floor: int = 3) -> str:
+    """Divide the durations of ``for:`` lines, range selectors and offsets by ``factor``."""
+
+    def shrink(match: re.Match) -> str:
+        seconds = int(match.group(1)) * _SECONDS[match.group(2)]
+        return f"{max(floor, round(seconds / factor))}s"
+
+    def in_durations(segment: str) -> str:
+        return _DURATION.sub(shrink, segment)
+
+    lines = []
+    for line in text.splitlines():
+        if re.match(r"\s*for:", line):
+            line = in_durations(line)
+        else:
+            line = re.sub(r"\[[^\]]+\]", lambda m: in_durations(m.group(0)), line)
+            line = re.sub(r"offset\s+\S+", lambda m: in_durations(m.group(0)), line)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_compress_shrinks_only_durations():
+    text = "    for: 10m\n    expr: rate(x[5m] offset 30m) > 600 and y[1m:10s]\n"
+    assert compress(text) == "    for: 30s\n    expr: rate(x[15s] offset 90s) > 600 and y[3s:3s]\n"
+
+
+@pytest.fixture
+def stack(tmp_path, prometheus_binary, alertmanager_binary):
+    """Webhook <- Alertmanager (shipped config) <- Prometheus (shipped rules, compressed time)."""
+    rules = []
+    for path in RULES:
+        target = tmp_path / "rules" / path.name
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(compress(path.read_text()))
+        rules.append(target)
+    with WebhookReceiver() as hook:
+        config = config_for_test(DEPLOY / "alertmanager" / "alertmanager.yml", hook.url)
+        with (
+            AlertmanagerServer(alertmanager_binary, tmp_path / "am", config) as am,
+            PrometheusServer(
+                prometheus_binary, tmp_path / "prom", rule_files=rules, alertmanager_url=am.url
+            ) as prom,
+        ):
+            yield prom, hook
+
+
+def _demo(processes, run_dir: Path, *args: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_PROMETHEUS_PORT": str(free_port_block(2)),
+        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
+        "OTEL_ML_RUN_ID": run_dir.name,
+        "OTEL_ML_RUN_DIR": str(run_dir),
+        "OTEL_ML_PROGRESS_VIEW": "off",
+    }
+    command = [sys.executable, "-m", "otel_ml.cli", "demo", "--ranks", "2", "--files", "0", *args]
+    return processes.start(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _scrape_run(prom: PrometheusServer, run_dir: Path) -> list[dict]:
+    records = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(endpoint_files(run_dir)), 60)
+    prom.set_targets(file_sd_targets(records))
+    return records
+
+
+def _named(alert: dict, name: str, run_id: str, rank: str) -> bool:
+    labels = alert["labels"]
+    return (labels.get("alertname"), labels.get("run_id"), labels.get("rank")) == (name, run_id, rank)
+
+
+def test_nan_on_rank_one_reaches_the_webhook_naming_rank_one(stack, processes, tmp_path):
+    prom, hook = stack
+    run = tmp_path / "nan-run"
+    _demo(processes, run, "--steps", "3000", "--nan", "1:150")
+    _scrape_run(prom, run)
+    (alert,) = hook.wait_for(lambda a: _named(a, "TrainingLossNaN", run.name, "1"), timeout=90)
+    assert alert["status"] == "firing"
+    assert alert["labels"]["severity"] == "critical"
+    description = alert["annotations"]["description"]
+    assert "rank 1" in description.lower() and run.name in description
+    assert alert["annotations"]["runbook_url"].endswith("#traininglossnan")
+    assert not [
+        a
+        for a in hook.alerts()
+        if a["labels"].get("alertname") == "TrainingLossNaN" and a["labels"]["rank"] == "0"
+    ]
+
+
+def test_a_slow_rank_is_a_straggler_and_a_frozen_rank_is_down(stack, processes, tmp_path):
+    prom, hook = stack
+    run = tmp_path / "slow-run"
+    _demo(processes, run, "--steps", "100000", "--slow", "0:30")
+    records = _scrape_run(prom, run)
+    (straggler,) = hook.wait_for(lambda a: _named(a, "TrainingStraggler", run.name, "0"), timeout=150)
+    assert straggler["labels"]["severity"] == "warning"
+    others = [a for a in hook.alerts() if a["labels"].get("alertname") == "TrainingStraggler"]
+    assert [a["labels"]["rank"] for a in others] == ["0"]
+
+    # A hung rank (a stuck collective, a frozen node): its target stops answering while rank 0,
+    # blocked in the all-reduce, still serves /metrics. (With gloo, a *killed* peer makes the
+    # others fail at once, which ends the whole run: see the next test for a kill.)
+    rank1 = next(r for r in records if r["rank"] == 1)
+    os.kill(rank1["pid"], signal.SIGSTOP)
+    (down,) = hook.wait_for(lambda a: _named(a, "TrainingRankDown", run.name, "1"), timeout=90)
+    assert down["labels"]["severity"] == "critical" and down["status"] == "firing"
+    down_ranks = [
+        a["labels"]["rank"] for a in hook.alerts() if a["labels"].get("alertname") == "TrainingRankDown"
+    ]
+    assert down_ranks == ["1"]
+
+
+def test_a_killed_rank_is_down_while_its_peer_lives(stack, processes, tmp_path):
+    prom, hook = stack
+    run = tmp_path / "kill-run"
+    _demo(processes, run, "--steps", "200", "--linger", "120")
+    records = _scrape_run(prom, run)
+    # both ranks finished training (no collective in flight) and stay up, like an evaluation phase
+    prom.wait_for(
+        f'otel_ml_progress_active{{run_id="{run.name}",task="train"}} == 0', lambda r: len(r) == 2, 90
+    )
+    rank1 = next(r for r in records if r["rank"] == 1)
+    os.kill(rank1["pid"], signal.SIGKILL)
+    (down,) = hook.wait_for(lambda a: _named(a, "TrainingRankDown", run.name, "1"), timeout=90)
+    assert down["status"] == "firing"
+    assert "rank 1" in down["annotations"]["description"].lower()
