@@ -15,9 +15,9 @@ under the region open on the thread running backward (``backward/model.backward/
 ``loss.backward()`` runs inside ``otel_ml.span("backward")`` on CPU; CUDA autograd runs on its
 own threads, where the path starts at ``model.backward``).
 
-Hooks cost several microseconds per module call (forward and backward, more in a real loop
-with cold caches), so by default modules are timed on every 10th step (``every=10``): between
-timed steps no hook is installed at all.
+Hooks cost tens of microseconds per module call in a real loop (forward and backward, with cold
+caches), so by default modules are timed on every 20th step (``every=20``): between timed steps
+no hook is installed at all.
 
 Example::
 
@@ -96,19 +96,24 @@ class _Backward:
             self.module.close_backward(entry)
 
 
-class _NodeStarts:
-    """The one pre-hook otel_ml puts on an autograd node: starts regions outer module first.
+class _NodeHooks:
+    """The one pre-hook otel_ml puts on an autograd node: ends and starts module regions.
 
+    A node is often both the output of one module and the input of the next, so when it is
+    about to run, the consumer's backward ends and the producer's begins: stops run first.
     Nested modules often share their output node (a Sequential returns its last layer's
-    output). Forward hooks run inner module first, so the outer module's start is put in front.
+    output); forward hooks run inner module first, so an outer module's start is put in front.
     """
 
-    __slots__ = ("starts",)
+    __slots__ = ("starts", "stops")
 
     def __init__(self) -> None:
         self.starts: list[_Backward] = []
+        self.stops: list[_Backward] = []
 
     def __call__(self, *_: Any) -> None:
+        for backward in self.stops:
+            backward.stop()
         for backward in self.starts:
             backward.start()
 
@@ -154,17 +159,13 @@ class _TracedModule:
         # backward ends when its output node finishes (a leaf module) or when the backward
         # pass ends (a module with traced children, which run after its output node).
         backward = _Backward(self, end_with_pass=not ins and self.has_children)
-        starts = tracer.node_starts
+        leaf_without_inputs = not ins and not self.has_children
         for node in outs:
-            known = starts.get(id(node))
-            if known is None or known[0] is not node:
-                known = starts[id(node)] = (node, _NodeStarts())
-                node.register_prehook(known[1])
-            known[1].starts.insert(0, backward)
-            if not ins and not self.has_children:
+            _hooks_for(tracer, node).starts.insert(0, backward)
+            if leaf_without_inputs:
                 node.register_hook(backward.stop)
         for node in ins.values():
-            node.register_prehook(backward.stop)
+            _hooks_for(tracer, node).stops.append(backward)
 
     # backward ----------------------------------------------------------
     def _node(self, rec: Any, parent: list | None) -> PathNode:
@@ -232,8 +233,8 @@ class ModuleTracer:
         self.handles: list[Any] = []
         self.modules: dict[str, _TracedModule] = {}
         self.by_module: dict[int, _TracedModule] = {}
-        #: Output nodes of this step's forward, by id (the node is kept so the id stays unique).
-        self.node_starts: dict[int, tuple[Any, _NodeStarts]] = {}
+        #: Hooked autograd nodes of this step, by id (the node is kept so the id stays unique).
+        self.node_hooks: dict[int, tuple[Any, _NodeHooks]] = {}
         self._steps = 0
 
     def on_step(self) -> None:
@@ -243,9 +244,9 @@ class ModuleTracer:
         replaced it) is dropped here rather than left open. The step's autograd nodes are freed
         by the export thread (:func:`release_nodes`), not here on the training thread.
         """
-        if self.node_starts:
-            _retired.append(self.node_starts)
-            self.node_starts = {}
+        if self.node_hooks:
+            _retired.append(self.node_hooks)
+            self.node_hooks = {}
         for module in self.modules.values():
             if module.open_entries:
                 with module.lock:
@@ -274,6 +275,14 @@ _retired: list[dict] = []
 _global_handles: list[Any] = []
 #: Module classes that are never called themselves; their children take their name as a prefix.
 _CONTAINERS = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
+
+
+def _hooks_for(tracer: ModuleTracer, node: Any) -> _NodeHooks:
+    known = tracer.node_hooks.get(id(node))
+    if known is None or known[0] is not node:
+        known = tracer.node_hooks[id(node)] = (node, _NodeHooks())
+        node.register_prehook(known[1])
+    return known[1]
 
 
 def _tensor_type() -> type | None:
@@ -312,19 +321,19 @@ def _update_global_hooks() -> None:
 
 
 def trace_modules(
-    model: Any, depth: int | None = 2, *, backward: bool = True, every: int = 10, name: str | None = None
+    model: Any, depth: int | None = 2, *, backward: bool = True, every: int = 20, name: str | None = None
 ) -> ModuleTracer:
     """Time ``model`` and its submodules down to ``depth`` levels (None: all), forward and backward.
 
     The root region is named ``name`` (default: the model's class name); submodules use their
     attribute names, so paths look like ``TinyLM/encoder/layers.0``. Modules are timed on every
-    ``every``-th step (default 10; the first step is timed): hooks cost several microseconds per
-    module call, and untimed steps carry none. No-op under ``torch.compile`` tracing and before
-    ``init()``.
+    ``every``-th step (default 20; the first step is timed): hooks cost tens of microseconds per
+    module call in a real loop (forward and backward), and untimed steps carry none. No-op under
+    ``torch.compile`` tracing and before ``init()``.
 
     Example::
 
-        otel_ml.trace_modules(model, depth=2)            # every 10th step
+        otel_ml.trace_modules(model, depth=2)            # every 20th step
         otel_ml.trace_modules(model, depth=None, every=1)  # all modules, every step
     """
     tracer = ModuleTracer(backward, every)

@@ -156,17 +156,17 @@ def test_remove_takes_every_hook_off(aggregator):
     assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
 
 
-def test_by_default_only_every_tenth_step_carries_any_hook(aggregator):
+def test_by_default_only_every_twentieth_step_carries_any_hook(aggregator):
     from torch.nn.modules import module as torch_module
 
     net = Net()
     tracer = otel_ml.trace_modules(net, depth=1)
-    assert tracer.every == 10
+    assert tracer.every == 20
     installed = []
-    for _ in range(21):
+    for _ in range(41):
         installed.append(bool(torch_module._global_forward_hooks))
         _train(net, 1, aggregator.recorder)  # one step, closed by step_end
-    assert [i for i, on in enumerate(installed) if on] == [0, 10, 20]
+    assert [i for i, on in enumerate(installed) if on] == [0, 20, 40]
     assert _counts(aggregator)["forward/Net/head"] == 3
     assert not any(m._forward_hooks for m in net.modules())  # sampled mode uses the global hooks only
     tracer.remove()
