@@ -8,7 +8,7 @@ import threading
 logger = logging.getLogger("otel_ml")
 
 _seen: set[str] = set()
-_seen_lock = threading.Lock()
+_seen_lock = threading.RLock()  # warn_once may run inside a signal handler
 
 
 def warn_once(key: str, message: str, *args: object) -> bool:

@@ -110,6 +110,57 @@ class Config:
             "How many successive ports to try before giving up on `/metrics` (with a warning).",
         ),
     )
+    prometheus_tls_cert: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_ML_PROMETHEUS_TLS_CERT",),
+            p.parse_str,
+            "PEM certificate: serve `/metrics` over HTTPS (with `prometheus_tls_key`).",
+            "unset",
+        ),
+    )
+    prometheus_tls_key: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_ML_PROMETHEUS_TLS_KEY",), p.parse_str, "PEM private key of that certificate.", "unset"
+        ),
+    )
+    prometheus_basic_auth: str | None = field(
+        default=None,
+        repr=False,
+        metadata=_opt(
+            ("OTEL_ML_PROMETHEUS_BASIC_AUTH",),
+            p.parse_str,
+            "`user:password` required by `/metrics` and `/progress` (constant-time check); never logged.",
+            "unset",
+        ),
+    )
+    prometheus_basic_auth_file: str | None = field(
+        default=None,
+        metadata=_opt(
+            ("OTEL_ML_PROMETHEUS_BASIC_AUTH_FILE",),
+            p.parse_str,
+            "File holding `user:password` (keeps the secret out of the environment).",
+            "unset",
+        ),
+    )
+    prometheus_max_connections: int = field(
+        default=16,
+        metadata=_opt(
+            ("OTEL_ML_PROMETHEUS_MAX_CONNECTIONS",),
+            p.int_parser(2, 1024),
+            "Simultaneous `/metrics` connections; at the cap the oldest idle one is closed.",
+        ),
+    )
+    handle_signals: bool = field(
+        default=True,
+        metadata=_opt(
+            ("OTEL_ML_HANDLE_SIGNALS",),
+            p.parse_bool,
+            "On SIGTERM flush (bounded by `shutdown_timeout`), then run the previous handler or "
+            "exit as the signal would.",
+        ),
+    )
     otlp_endpoint: str | None = field(
         default=None,
         metadata=_opt(

@@ -42,7 +42,7 @@ class Console:
         self.tty = tty
         self._drawn = 0
         self._sections: dict[str, list[str]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a SIGTERM flush may print while a frame is drawn
 
     @contextlib.contextmanager
     def _around_bars(self) -> Iterator[None]:

@@ -37,7 +37,7 @@ class TelemetryHealth:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a SIGTERM flush may interrupt a holder on this thread
         self.errors: dict[str, int] = dict.fromkeys(EXPORTERS, 0)
         self.drops: dict[str, int] = dict.fromkeys(SIGNALS, 0)
 

@@ -31,7 +31,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from otel_ml import semconv
 from otel_ml.histogram import LabeledHistograms
 from otel_ml.paths import PathNode
-from otel_ml.sampling import ANOMALY, EVERY, SLOW, TraceSampler
+from otel_ml.sampling import ANOMALY, ERROR_REASON, EVERY, SLOW, TraceSampler
 from otel_ml.summary import PathStats, SummaryRow, build_summary
 from otel_ml.timing import CHILD, END, ERROR, EV_END, EV_START, GPU, NODE, PARENT, START, Recorder
 
@@ -69,7 +69,7 @@ class Aggregator:
         )
         self.stats: dict[PathNode, PathStats] = {}
         self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS)
-        self.traced = {EVERY: 0, SLOW: 0, ANOMALY: 0}
+        self.traced = {EVERY: 0, SLOW: 0, ANOMALY: 0, ERROR_REASON: 0}
         self.steps = 0
         self.step_time = 0.0
         self.on_window: list[Callable[[int | None, float], None]] = []
@@ -150,6 +150,8 @@ class Aggregator:
             events = self._flags.pop(step, None)
             if events and reason is None:
                 reason = ANOMALY
+            if reason is None and any(e[ERROR] is not None for e in inside):
+                reason = ERROR_REASON  # a step where a region raised is always traced
             if reason is not None:
                 self.traced[reason] += 1
                 self._emit(step, start_ns, end_ns, values or {}, reason, inside, events or ())
@@ -236,6 +238,15 @@ class Aggregator:
             (semconv.TRACED_STEPS, traced),
         ):
             meter.create_observable_counter(spec.name, [callback], spec.unit, spec.description)
+
+    def close_last_window(self) -> None:
+        """At shutdown: regions recorded after the last step boundary (an exception that left the
+        loop, a final evaluation) become one last window, traced if sampling or an error says so."""
+        self.process()
+        with self._lock:
+            if self._open or self.recorder.finished:
+                self.recorder.boundaries.append((None, self.recorder.clock(), None))
+        self.process()
 
     def summary_rows(self) -> list[SummaryRow]:
         with self._lock:

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,12 @@ from otel_ml.console import Console
 from otel_ml.exporters._worker import Sink
 from otel_ml.exporters.files import FileSink, rank_dir
 from otel_ml.exporters.otlp import build_otlp_sink
-from otel_ml.exporters.prometheus import MetricsServer, make_reader
+from otel_ml.exporters.prometheus import MetricsServer, make_reader, server_security
 from otel_ml.health import TelemetryHealth
 from otel_ml.pipeline import MetricSources, Pipeline
 from otel_ml.progress import register_progress_metrics
 from otel_ml.rankview import PROGRESS_PATH, RankView
+from otel_ml.signals import install_sigterm_flush
 from otel_ml.system import register_system_metrics
 from otel_ml.timekeeping import Timekeeper
 from otel_ml.training import TrainingMetrics
@@ -81,7 +82,7 @@ class Telemetry:
         self.attributes = {semconv.LABEL_RANK: str(self.rank), semconv.LABEL_RUN_ID: self.run_id}
         self.health = TelemetryHealth()
         self._pid = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # shutdown() may run from a signal handler on this thread
         self.closed = False
         self.enabled = cfg.enabled
         self.training: TrainingMetrics | None = None
@@ -91,6 +92,7 @@ class Telemetry:
         self.timekeeper: Timekeeper | None = None
         self.rank_view: RankView | None = None
         self.anomalies: AnomalyMonitor | None = None
+        self._restore_signals: Callable[[], None] = lambda: None
         self.console = Console()
         if not cfg.enabled:
             return
@@ -157,7 +159,8 @@ class Telemetry:
         aggregator.before.append(self.anomalies.process)
         self.anomalies.register(self.meter, self.attributes)
         pipeline.add_job(self.training.drain_durations)
-        if registry is not None:
+        security = server_security(cfg) if registry is not None else None
+        if registry is not None and security is not None:
             self.server = MetricsServer(
                 registry,
                 cfg.prometheus_host,
@@ -165,6 +168,9 @@ class Telemetry:
                 self.local_rank,
                 cfg.prometheus_port_attempts,
                 self.health,
+                tls=security.tls,
+                credentials=security.credentials,
+                max_connections=cfg.prometheus_max_connections,
             )
             if self.server.start() is not None:
                 logger.info("otel_ml: rank %d serves %s", self.rank, self.server.url)
@@ -184,6 +190,8 @@ class Telemetry:
             self.rank_view.start()
         if cfg.set_global_providers:
             _install_globals(self)
+        if cfg.handle_signals:
+            self._restore_signals = install_sigterm_flush(self.shutdown)
 
     def _resource(self) -> Resource:
         attributes: dict[str, Any] = {
@@ -293,6 +301,7 @@ class Telemetry:
             self.closed = True
         if os.getpid() != self._pid:
             return True
+        self._restore_signals()
         self.training = None
         ok = True
         limit = self.config.shutdown_timeout if timeout is None else timeout

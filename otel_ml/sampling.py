@@ -19,6 +19,8 @@ EVERY = "every"
 SLOW = "slow"
 #: Not decided here: a step the anomaly detectors flagged is traced whatever the sampler says.
 ANOMALY = "anomaly"
+#: Not decided here either: a step in which a region raised is always traced.
+ERROR_REASON = "error"
 
 
 class TraceSampler:

@@ -87,7 +87,7 @@ class Timekeeper:
     def finish(self, rank_dir: Path) -> None:
         """Last aggregation; write and print the summary (if enabled and anything was timed)."""
         timing.install(None)
-        self.aggregator.process()
+        self.aggregator.close_last_window()
         if not self._cfg.summary:
             return
         rows = self.aggregator.summary_rows()

@@ -240,7 +240,7 @@ def test_every_nth_and_slow_steps_are_traced(env):
         (6, "slow"),
         (10, "every"),
     ]
-    assert aggregator.traced == {"every": 3, "slow": 1, "anomaly": 0}
+    assert aggregator.traced == {"every": 3, "slow": 1, "anomaly": 0, "error": 0}
     work = [s for s in exporter.get_finished_spans() if s.name == "work"]
     assert len(work) == 4  # regions only for traced steps
 

@@ -15,9 +15,10 @@ Example::
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -26,11 +27,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from otel_ml._logging import logger, warn_once
+from otel_ml.exporters._http import (
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT,
+    HardenedHandler,
+    HardenedServer,
+    make_tls_context,
+)
 from otel_ml.health import TelemetryHealth
 from otel_ml.pipeline import MetricSources
-
-#: Seconds a client may take to send its request before the connection is dropped.
-REQUEST_TIMEOUT = 10.0
 
 
 class _Reader(PrometheusMetricReader):
@@ -55,13 +60,10 @@ def make_reader(sources: MetricSources | None = None) -> tuple[PrometheusMetricR
     return _Reader(registry, sources), registry
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(HardenedHandler):
     server: _Server
-    timeout = REQUEST_TIMEOUT
-    protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
+    def handle_get(self, path: str) -> None:
         route = self.server.routes.get(path)
         if path == "/metrics":
             self._metrics()
@@ -70,13 +72,13 @@ class _Handler(BaseHTTPRequestHandler):
                 body, content_type = route()
             except Exception as exc:  # noqa: BLE001 - report, never crash the server thread
                 warn_once(f"route:{path}", "otel_ml: %s failed: %s", path, exc)
-                self._send(500, b"failed\n", "text/plain; charset=utf-8")
+                self.send(500, b"failed\n", "text/plain; charset=utf-8")
                 return
-            self._send(200, body, content_type)
+            self.send(200, body, content_type)
         elif path in ("/", "/healthz"):
-            self._send(200, b"otel_ml: see /metrics\n", "text/plain; charset=utf-8")
+            self.send(200, b"otel_ml: see /metrics\n", "text/plain; charset=utf-8")
         else:
-            self._send(404, b"not found\n", "text/plain; charset=utf-8")
+            self.send(404, b"not found\n", "text/plain; charset=utf-8")
 
     def _metrics(self) -> None:
         try:
@@ -85,7 +87,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 - report, never crash the server thread
             self.server.health.error("prometheus")
             warn_once("prometheus-collect", "otel_ml: /metrics collection failed: %s", exc)
-            self._send(500, b"collection failed\n", "text/plain; charset=utf-8")
+            self.send(500, b"collection failed\n", "text/plain; charset=utf-8")
             return
         headers = {}
         if gzip_accepted(self.headers.get("Accept-Encoding", "")):
@@ -93,32 +95,47 @@ class _Handler(BaseHTTPRequestHandler):
 
             body = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
-        self._send(200, body, content_type, headers)
-
-    def _send(
-        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    do_HEAD = do_GET  # noqa: N815
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence access logs
-        return
+        self.send(200, body, content_type, headers)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(HardenedServer):
     registry: CollectorRegistry
     health: TelemetryHealth
     routes: dict[str, Callable[[], tuple[bytes, str]]]
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """TLS context and basic-auth credentials for ``/metrics`` (both optional)."""
+
+    tls: ssl.SSLContext | None
+    credentials: bytes | None
+
+
+def server_security(cfg: Any) -> ServerSecurity | None:
+    """Build TLS/auth from the config; None (with one warning) when they were asked for but are
+    unusable: then ``/metrics`` is not served at all rather than served without them."""
+    tls = None
+    if cfg.prometheus_tls_cert or cfg.prometheus_tls_key:
+        try:
+            tls = make_tls_context(cfg.prometheus_tls_cert or "", cfg.prometheus_tls_key or "")
+        except (OSError, ssl.SSLError) as exc:
+            logger.warning("otel_ml: /metrics disabled: TLS certificate/key unusable (%s)", exc)
+            return None
+    credentials = cfg.prometheus_basic_auth
+    if credentials is None and cfg.prometheus_basic_auth_file:
+        try:
+            with open(cfg.prometheus_basic_auth_file, encoding="utf-8") as handle:
+                credentials = handle.read().strip()
+        except OSError as exc:
+            logger.warning("otel_ml: /metrics disabled: cannot read the basic-auth file (%s)", exc.strerror)
+            return None
+    if credentials is not None and ":" not in credentials:
+        logger.warning("otel_ml: /metrics disabled: basic auth must be user:password")
+        return None
+    if credentials is not None and tls is None:
+        logger.warning("otel_ml: /metrics basic auth without TLS: the password travels in clear text")
+    return ServerSecurity(tls, credentials.encode() if credentials is not None else None)
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -145,6 +162,11 @@ class MetricsServer:
         local_rank: int = 0,
         attempts: int = 64,
         health: TelemetryHealth | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        credentials: bytes | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self.registry = registry
         self.host = host
@@ -154,18 +176,23 @@ class MetricsServer:
         #: Extra GET paths served beside /metrics (e.g. /progress): path -> () -> (body, content type).
         self.routes: dict[str, Callable[[], tuple[bytes, str]]] = {}
         self.port: int | None = None
+        self._options = {
+            "tls": tls,
+            "credentials": credentials,
+            "max_connections": max_connections,
+            "request_timeout": request_timeout,
+        }
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def _bind(self) -> _Server | None:
-        family = _family(self.host)
-        server_class = type("_BoundServer", (_Server,), {"address_family": family})
+        bound = type("_BoundServer", (_Server,), {"address_family": _family(self.host)})
         if self.wanted_port == 0:
-            return server_class((self.host, 0), _Handler)
+            return bound((self.host, 0), _Handler, **self._options)
         last_error: OSError | None = None
         for port in range(self.wanted_port, min(self.wanted_port + self.attempts, 65536)):
             try:
-                return server_class((self.host, port), _Handler)
+                return bound((self.host, port), _Handler, **self._options)
             except OSError as exc:
                 last_error = exc
         logger.warning(
@@ -209,7 +236,8 @@ class MetricsServer:
         if self.port is None:
             return None
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        scheme = "https" if self._options["tls"] is not None else "http"
+        return f"{scheme}://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         """Stop serving and release the port (bounded: serve_forever polls every 0.2 s)."""
