@@ -27,12 +27,12 @@ system-deps:
 	else echo "note: install Debian packages prometheus and prometheus-alertmanager (as root) to run the integration tests"; fi
 
 lint: setup
-	$(VENV)/bin/ruff check otel_ml tests benchmarks .ci
-	$(VENV)/bin/ruff format --check otel_ml tests benchmarks .ci
+	$(VENV)/bin/ruff check otel_ml tests benchmarks .ci deploy
+	$(VENV)/bin/ruff format --check otel_ml tests benchmarks .ci deploy
 
 format: setup
-	$(VENV)/bin/ruff format otel_ml tests benchmarks .ci
-	$(VENV)/bin/ruff check --fix otel_ml tests benchmarks .ci
+	$(VENV)/bin/ruff format otel_ml tests benchmarks .ci deploy
+	$(VENV)/bin/ruff check --fix otel_ml tests benchmarks .ci deploy
 
 test: setup system-deps lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider
