@@ -55,8 +55,25 @@ def metric_name(key: str) -> str:
     return name
 
 
+def valid_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by ``?``, so that it can be encoded as UTF-8.
+
+    Strings decoded with ``surrogateescape`` (file names that are not UTF-8, passed as a tqdm
+    ``desc``, a span name or a ``log()`` key) would otherwise make every UTF-8 encoder downstream
+    raise: the whole ``/metrics`` page, the OTLP request and the file line that carry them.
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
 def label_value(value: str) -> str:
     """Truncate a label value from user data to a bounded length (Unicode is kept)."""
+    value = valid_text(value)
     if len(value) <= MAX_LABEL_VALUE_LENGTH:
         return value
     return value[: MAX_LABEL_VALUE_LENGTH - 9] + "~" + _digest(value)

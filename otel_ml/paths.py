@@ -42,7 +42,7 @@ class PathNode:
 
 def split(name: str) -> tuple[str, ...]:
     """Path parts of a region name; empty parts are dropped, an empty name becomes ``(unnamed)``."""
-    parts = tuple(part.strip() for part in str(name).split(SEPARATOR) if part.strip())
+    parts = tuple(part.strip() for part in names.valid_text(str(name)).split(SEPARATOR) if part.strip())
     return parts or ("(unnamed)",)
 
 

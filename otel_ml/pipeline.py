@@ -198,7 +198,8 @@ class Pipeline:
     def _pump(self) -> None:
         self._run_jobs(self._once)
         next_push = time.monotonic() + self.interval
-        while not self._stop.wait(TICK):
+        # Wake for the next push when it comes before the next tick (intervals below TICK).
+        while not self._stop.wait(max(0.0, min(TICK, next_push - time.monotonic()))):
             self._run_jobs(self._jobs)
             if time.monotonic() >= next_push:
                 self._push_metrics()

@@ -87,7 +87,9 @@ class ProgressBoard:
 
     def __init__(self, max_tasks: int = MAX_TASKS) -> None:
         self.max_tasks = max_tasks
-        self._lock = threading.Lock()
+        # Reentrant: a SIGTERM flush runs on the training thread and snapshots the board while
+        # that thread may be creating or closing a bar.
+        self._lock = threading.RLock()
         self._open: list[_Tracked] = []
         self.active: dict[str, int] = {}
 
@@ -106,6 +108,12 @@ class ProgressBoard:
             )
             return OVERFLOW
         return task
+
+    def forget_closed(self) -> None:
+        """Drop the task labels of closed bars (a new ``init()`` starts a fresh label budget)."""
+        with self._lock:
+            open_tasks = {t.task for t in self._open}
+            self.active = {task: flag for task, flag in self.active.items() if task in open_tasks}
 
     def register(self, bar: Any) -> _Tracked:
         with self._lock:

@@ -136,17 +136,38 @@ def global_line(statuses: list[RankStatus], width: int = 10) -> str | None:
     return text + "]"
 
 
-def render_lines(statuses: list[RankStatus], width: int = 10) -> list[str]:
-    """One line per rank (plus nested bars) and the global line."""
+def slowest_first(statuses: list[RankStatus], limit: int) -> list[RankStatus]:
+    """At most ``limit`` ranks: down ones first, then the longest ETAs (all when they fit)."""
+    if len(statuses) <= limit:
+        return statuses
+
+    def urgency(status: RankStatus) -> tuple[int, float]:
+        main = status.main_bar()
+        eta = main.eta if main is not None and main.eta is not None else -1.0
+        return (0 if not status.up else 1, -eta)
+
+    return sorted(statuses, key=urgency)[:limit]
+
+
+def render_lines(
+    statuses: list[RankStatus], width: int = 10, total: list[RankStatus] | None = None
+) -> list[str]:
+    """One line per rank (plus nested bars) and the global line over ``total`` (default: the same
+    ranks); ranks left out are counted on a line of their own."""
+    everyone = statuses if total is None else total
     lines = [ln for status in sorted(statuses, key=lambda s: s.rank) for ln in rank_lines(status, width)]
-    total = global_line(statuses, width)
-    if total is not None:
-        lines.append(total)
+    hidden = len(everyone) - len(statuses)
+    if hidden > 0:
+        lines.append(f"... {hidden} more rank(s) on time (otel-ml top shows them all)")
+    summary = global_line(everyone, width)
+    if summary is not None:
+        lines.append(summary)
     return lines
 
 
-def compact_line(statuses: list[RankStatus]) -> str:
-    """All ranks on one line, for logs: ``ranks: 0 train 87% 26/30 | 1 train 80% 24/30 | all ...``."""
+def compact_line(statuses: list[RankStatus], total: list[RankStatus] | None = None) -> str:
+    """The ranks on one line, for logs: ``ranks: 0 train 87% 26/30 | 1 train 80% 24/30 | all ...``;
+    the global part covers ``total`` (default: the same ranks)."""
     parts = []
     for status in sorted(statuses, key=lambda s: s.rank):
         main = status.main_bar()
@@ -161,5 +182,8 @@ def compact_line(statuses: list[RankStatus]) -> str:
             )
         else:
             parts.append(f"{status.rank} {main.task} {number(main.completed)} {main.unit}")
-    total = global_line(statuses, width=0)
-    return "otel_ml ranks: " + " | ".join(parts) + (f" || {total}" if total else "")
+    everyone = statuses if total is None else total
+    if len(everyone) > len(statuses):
+        parts.append(f"+{len(everyone) - len(statuses)} more")
+    summary = global_line(everyone, width=0)
+    return "otel_ml ranks: " + " | ".join(parts) + (f" || {summary}" if summary else "")

@@ -7,7 +7,8 @@ collective, no store, nothing on the training thread. A rank whose endpoint is n
 (another node with ``/metrics`` bound to localhost, a dead process) shows as down.
 
 On a terminal the view is redrawn in place under the timing table; otherwise one compact line
-is written every ``log_interval`` seconds.
+is written every ``log_interval`` seconds. Large jobs stay cheap: at most 16 ranks are polled per
+second (in rotation) and the view shows the 16 slowest ranks plus the global line.
 
 Example::
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from otel_ml.console import Console
 from otel_ml.progress import BarSnapshot
-from otel_ml.progress_view import RankStatus, compact_line, render_lines
+from otel_ml.progress_view import RankStatus, compact_line, render_lines, slowest_first
 
 PROGRESS_PATH = "/progress"
 
@@ -70,6 +71,8 @@ class RankView:
         interval: float = 1.0,
         log_interval: float = 30.0,
         timeout: float = 0.5,
+        per_cycle: int = 16,
+        max_rows: int = 16,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.world_size = world_size
@@ -78,6 +81,10 @@ class RankView:
         self._interval = interval
         self._log_interval = log_interval
         self._timeout = timeout
+        self._per_cycle = per_cycle
+        self._max_rows = max_rows
+        self._cursor = 0
+        self._known: dict[int, RankStatus] = {}
         self._endpoints: dict[int, dict[str, Any]] = {}
         self._scanned = 0.0
         self._stop = threading.Event()
@@ -95,27 +102,41 @@ class RankView:
                 continue
 
     def poll(self) -> list[RankStatus]:
-        """One status per rank of the world (the local one without any network call)."""
+        """One status per rank of the world (the local one without any network call).
+
+        At most ``per_cycle`` other ranks are fetched per call, in rotation; the others keep
+        their last status. Fetching every rank each second would cost rank 0 about 0.3 ms of CPU
+        per rank (measured with 64 ranks), which does not scale to thousands.
+        """
         local = status_from_payload(self._local())
         self._scan()
-        statuses = [local]
-        for rank in range(self.world_size):
-            if rank == local.rank:
-                continue
-            endpoint = self._endpoints.get(rank)
-            url = progress_url(endpoint) if endpoint else None
-            if url is None:
-                statuses.append(RankStatus(rank, up=False, error="no /metrics endpoint known yet"))
-                continue
-            try:
-                statuses.append(status_from_payload(fetch_progress(url, self._timeout)))
-            except (OSError, ValueError) as exc:
-                reason = getattr(exc, "reason", exc)
-                statuses.append(RankStatus(rank, up=False, error=f"{url}: {reason}"))
-        return statuses
+        others = [rank for rank in range(self.world_size) if rank != local.rank]
+        if others:
+            start = self._cursor % len(others)
+            chosen = (others[start:] + others[:start])[: self._per_cycle]
+            self._cursor = start + len(chosen)
+            for rank in chosen:
+                self._known[rank] = self._fetch(rank)
+        return [
+            local,
+            *(self._known.get(r) or RankStatus(r, up=False, error="not polled yet") for r in others),
+        ]
+
+    def _fetch(self, rank: int) -> RankStatus:
+        endpoint = self._endpoints.get(rank)
+        url = progress_url(endpoint) if endpoint else None
+        if url is None:
+            return RankStatus(rank, up=False, error="no /metrics endpoint known yet")
+        try:
+            return status_from_payload(fetch_progress(url, self._timeout))
+        except (OSError, ValueError) as exc:
+            return RankStatus(rank, up=False, error=f"{url}: {getattr(exc, 'reason', exc)}")
 
     def draw(self, statuses: list[RankStatus]) -> None:
-        self._console.show(render_lines(statuses), compact_line(statuses), section="ranks")
+        shown = slowest_first(statuses, self._max_rows)
+        self._console.show(
+            render_lines(shown, total=statuses), compact_line(shown, total=statuses), section="ranks"
+        )
 
     def _run(self) -> None:
         last_line = 0.0

@@ -30,6 +30,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 
 from otel_ml import semconv
 from otel_ml.histogram import LabeledHistograms
+from otel_ml.names import valid_text
 from otel_ml.paths import PathNode
 from otel_ml.sampling import ANOMALY, ERROR_REASON, EVERY, SLOW, TraceSampler
 from otel_ml.summary import PathStats, SummaryRow, build_summary
@@ -175,7 +176,7 @@ class Aggregator:
             attributes[semconv.ATTR_STEP] = step
         for key, value in values.items():
             if value.__class__ in (float, int) and value == value:
-                attributes[semconv.ATTR_VALUE_PREFIX + str(key)] = value
+                attributes[semconv.ATTR_VALUE_PREFIX + valid_text(str(key))] = value
         root = self._tracer.start_span(semconv.SPAN_STEP, start_time=start_ns + wall, attributes=attributes)
         for name, event_attributes in events:
             root.add_event(name, event_attributes, timestamp=end_ns + wall)

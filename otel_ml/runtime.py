@@ -98,10 +98,9 @@ class Telemetry:
             return
 
         readers: list[MetricReader] = list(metric_readers)
-        registry = None
         sources = MetricSources()
-        if cfg.prometheus:
-            prom_reader, registry = make_reader(sources)
+        prom_reader = make_reader(sources) if cfg.prometheus else None
+        if prom_reader is not None:
             readers.append(prom_reader)
         all_sinks: list[Sink] = list(sinks)
         otlp = build_otlp_sink(cfg) if cfg.otlp_enabled else None
@@ -135,6 +134,7 @@ class Telemetry:
         register_system_metrics(self.meter, self.attributes)
         self.health.register(self.meter, self.attributes)
         progress.board.max_tasks = cfg.max_progress_tasks
+        progress.board.forget_closed()
         register_progress_metrics(self.meter, self.attributes)
         self.timekeeper = Timekeeper(
             cfg,
@@ -159,10 +159,10 @@ class Telemetry:
         aggregator.before.append(self.anomalies.process)
         self.anomalies.register(self.meter, self.attributes)
         pipeline.add_job(self.training.drain_durations)
-        security = server_security(cfg) if registry is not None else None
-        if registry is not None and security is not None:
+        security = server_security(cfg) if prom_reader is not None else None
+        if prom_reader is not None and security is not None:
             self.server = MetricsServer(
-                registry,
+                prom_reader.render,
                 cfg.prometheus_host,
                 cfg.prometheus_port,
                 self.local_rank,

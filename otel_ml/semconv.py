@@ -315,9 +315,14 @@ METRICS: tuple[MetricSpec, ...] = (
 )
 
 #: Every Prometheus name otel_ml owns; a user key that would collide is renamed.
-RESERVED_NAMES: frozenset[str] = frozenset(
-    n for m in METRICS for n in (m.name, m.prometheus_name)
-) | frozenset({"otel_ml_info"})
+RESERVED_NAMES: frozenset[str] = (
+    frozenset(n for m in METRICS for n in (m.name, m.prometheus_name))
+    # A histogram also exposes these sample names: a user gauge called so would duplicate them.
+    | frozenset(
+        m.name + part for m in METRICS if m.kind == "histogram" for part in ("_bucket", "_count", "_sum")
+    )
+    | frozenset({"otel_ml_info"})
+)
 
 #: Default histogram bucket bounds for step durations, in seconds (1 ms to 10 min).
 STEP_DURATION_BUCKETS: tuple[float, ...] = (

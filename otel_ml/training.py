@@ -87,7 +87,9 @@ class TrainingMetrics:
         self._health = health or TelemetryHealth()
         self._wall = wall
         self._mono = mono
-        self._lock = threading.Lock()  # slow paths only: key registration, non-finite counts
+        # Slow paths only: key registration, non-finite counts. Reentrant: a SIGTERM flush runs
+        # on this thread and collects (reads the counts) while log() may hold it.
+        self._lock = threading.RLock()
 
         self._kinds: dict[str, int | None] = {"samples": _SAMPLES, "tokens": _TOKENS}
         self._latest: dict[str, float] = {}
@@ -249,8 +251,11 @@ class TrainingMetrics:
 
     def _create_user_gauge(self, key: str) -> None:
         name = names.metric_name(key)
-        if name in self._user_names.values():
-            name = names.metric_name(f"{key}_{len(self._user_names)}")
+        taken = set(self._user_names.values())
+        suffix = len(self._user_names)
+        while name in taken:  # two keys sanitized alike ("a b", "a-b"): never share a series
+            name = names.metric_name(f"{key}_{suffix}")
+            suffix += 1
         if name != names.PREFIX + key:
             logger.info("otel_ml: log() key %r is exported as %s", key, name)
         self._user_names[key] = name
@@ -258,7 +263,7 @@ class TrainingMetrics:
             name,
             callbacks=[self._gauge_callback(key)],
             unit=semconv.USER_GAUGE_UNIT,
-            description=f"Last finite value of {key}= passed to otel_ml.log().",
+            description=f"Last finite value of {names.valid_text(key)}= passed to otel_ml.log().",
         )
 
     # ------------------------------------------------------------------ collection
@@ -288,7 +293,11 @@ class TrainingMetrics:
         durations = self._durations
         record = self._histogram.record
         for _ in range(len(durations)):
-            record(durations.popleft(), self._attrs)
+            try:
+                value = durations.popleft()
+            except IndexError:  # another collector (scrape or pump) drained it meanwhile
+                return
+            record(value, self._attrs)
 
     def _gauge_callback(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:

@@ -118,3 +118,31 @@ def test_top_once_command_prints_a_frame_for_down_targets():
     )
     assert out.returncode == 0, out.stderr
     assert "0/1 ranks up" in out.stdout and "down" in out.stdout
+
+
+def test_large_worlds_show_the_slowest_ranks_and_count_the_rest():
+    from otel_ml.progress_view import slowest_first
+
+    statuses = [_rank(r, 20, float(r)) for r in range(40)] + [RankStatus(40, up=False, error="gone")]
+    shown = slowest_first(statuses, 5)
+    assert [s.rank for s in shown] == [40, 39, 38, 37, 36]
+    lines = render_lines(shown, total=statuses)
+    assert lines[-2] == "... 36 more rank(s) on time (otel-ml top shows them all)"
+    assert lines[-1].startswith("[all 40/41] train")
+    assert compact_line(shown, total=statuses).count("+36 more") == 1
+
+
+def test_rank_view_polls_a_bounded_rotating_subset(tmp_path):
+    from otel_ml.console import Console
+    from otel_ml.rankview import RankView
+
+    view = RankView(
+        tmp_path, 50, local=lambda: {"rank": 0, "bars": []}, console=Console(tty=False), per_cycle=16
+    )
+    fetched = []
+    view._fetch = lambda rank: (fetched.append(rank), RankStatus(rank))[1]
+    first = view.poll()
+    assert len(first) == 50 and fetched == list(range(1, 17))
+    view.poll()
+    assert fetched[16:] == list(range(17, 33))
+    assert sum(s.up for s in view.poll()) == 49  # all known after three cycles, plus the local rank

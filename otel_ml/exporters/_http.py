@@ -23,11 +23,14 @@ import contextlib
 import hmac
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from otel_ml._logging import warn_once
 
 #: Seconds a client may take for the TLS handshake and for each request.
 REQUEST_TIMEOUT = 5.0
@@ -58,6 +61,9 @@ class HardenedServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    #: listen() backlog. socketserver's default, 5, makes a burst of connections (a flood, or just
+    #: several scrapers at once) wait for 1 s SYN retransmits even while accept() keeps up.
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -91,6 +97,15 @@ class HardenedServer(ThreadingHTTPServer):
         except Exception:  # noqa: BLE001 - e.g. no thread could be started: drop this client
             self._forget(request)
             self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that broke off, timed out or failed the TLS handshake (an evicted or idle
+        connection, a port scan, plaintext on the TLS port) is routine: no traceback on the
+        training process's stderr, which is what socketserver prints by default."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # ssl.SSLError and socket timeouts included
+            return
+        warn_once("metrics-http-error", "otel_ml: /metrics request failed: %r", error)
 
     def _evict_idle(self) -> bool:
         idle = [c for c in self._connections.values() if c.idle]

@@ -194,7 +194,8 @@ class SinkWorker:
                 )
             return True
         self._health.error(self.sink.name)
-        if first_failure and not abandoned:
+        # A sink that turned itself off (files after a write error) already said so, once.
+        if first_failure and not abandoned and not getattr(self.sink, "disabled", False):
             logger.warning(
                 "otel_ml: %s export of %s failing (%s); training continues, retrying quietly; "
                 "failures are counted in otel_ml_export_errors_total",

@@ -144,9 +144,16 @@ class FileSink:
         self._lock = threading.Lock()
         self._disabled = False
 
+    @property
+    def disabled(self) -> bool:
+        """True once a write error turned file export off (the warning was logged then)."""
+        return self._disabled
+
     def _write(self, target: _RotatingFile, message: Any) -> bool:
         if self._disabled:
-            return True  # turned off after a write error: nothing more to report
+            # Off after a write error: each export is still a failed (counted) one, so the worker
+            # neither reports a "recovery" nor stops counting the data that is lost.
+            return False
         line = json.dumps(to_otlp_json(message), separators=(",", ":")).encode() + b"\n"
         with self._lock:
             try:

@@ -12,7 +12,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -121,6 +123,27 @@ class OtlpSink:
                 logger.debug("otel_ml: OTLP exporter shutdown failed: %s", exc)
 
 
+#: The variable otel_ml parses into ``Config.otlp_headers``.
+HEADERS_ENV = "OTEL_EXPORTER_OTLP_HEADERS"
+
+
+@contextlib.contextmanager
+def _headers_env_hidden() -> Iterator[None]:
+    """Hide ``OTEL_EXPORTER_OTLP_HEADERS`` from the OTel exporters while they are built.
+
+    They read it themselves even when given ``headers=`` (the HTTP exporter always merges it in;
+    the gRPC one uses it when ``headers`` is empty) and log a malformed entry verbatim, secret
+    included, then send the entries they could parse. otel_ml has parsed it already (one warning
+    naming the variable, never a value; all or nothing): that decision must be the only one.
+    """
+    saved = os.environ.pop(HEADERS_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[HEADERS_ENV] = saved
+
+
 def build_otlp_sink(cfg: Config) -> OtlpSink | None:
     """Create the OTLP sink, or return None (with one warning) when it cannot be built."""
     traces, metrics = signal_endpoints(cfg)
@@ -130,10 +153,11 @@ def build_otlp_sink(cfg: Config) -> OtlpSink | None:
         if url:
             _warn_plaintext(cfg, url)
     try:
-        if cfg.otlp_protocol == "grpc":
-            span, metric = _grpc_exporters(cfg, traces, metrics)
-        else:
-            span, metric = _http_exporters(cfg, traces, metrics)
+        with _headers_env_hidden():
+            if cfg.otlp_protocol == "grpc":
+                span, metric = _grpc_exporters(cfg, traces, metrics)
+            else:
+                span, metric = _http_exporters(cfg, traces, metrics)
     except Exception as exc:  # noqa: BLE001 - e.g. a bad OTEL_EXPORTER_OTLP_* value read by the SDK
         warn_once(
             "otlp-build",

@@ -7,24 +7,20 @@ thread, never on the training thread. Connections that stall are timed out.
 
 Example::
 
-    server = MetricsServer(registry, host="localhost", base_port=9464, local_rank=1)
+    server = MetricsServer(reader.render, host="localhost", base_port=9464, local_rank=1)
     server.start()
     server.url  # 'http://localhost:9465/metrics' (or the next free port)
 """
 
 from __future__ import annotations
 
+import gzip
 import socket
 import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics.export import MetricsData
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from otel_ml._logging import logger, warn_once
 from otel_ml.exporters._http import (
@@ -34,30 +30,14 @@ from otel_ml.exporters._http import (
     HardenedServer,
     make_tls_context,
 )
+from otel_ml.exporters.exposition import CONTENT_TYPE, ExpositionReader
 from otel_ml.health import TelemetryHealth
 from otel_ml.pipeline import MetricSources
 
 
-class _Reader(PrometheusMetricReader):
-    def __init__(self, registry: CollectorRegistry, sources: MetricSources | None) -> None:
-        super().__init__(scope_info_enabled=False, registry=registry)
-        self._sources = sources
-
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        if self._sources is not None:
-            metrics_data = self._sources.augment(metrics_data)
-        super()._receive_metrics(metrics_data, timeout_millis, **kwargs)
-
-
-def make_reader(sources: MetricSources | None = None) -> tuple[PrometheusMetricReader, CollectorRegistry]:
-    """A Prometheus reader on a private registry, without scope labels (fewer, clearer series).
-
-    ``sources`` adds the metrics otel_ml aggregates itself to every scrape.
-    """
-    registry = CollectorRegistry(auto_describe=False)
-    return _Reader(registry, sources), registry
+def make_reader(sources: MetricSources | None = None) -> ExpositionReader:
+    """The pull reader behind ``/metrics`` (``sources`` adds what otel_ml aggregates itself)."""
+    return ExpositionReader(sources)
 
 
 class _Handler(HardenedHandler):
@@ -82,24 +62,21 @@ class _Handler(HardenedHandler):
 
     def _metrics(self) -> None:
         try:
-            encoder, content_type = choose_encoder(self.headers.get("Accept"))
-            body = encoder(self.server.registry)
+            body = self.server.render()
         except Exception as exc:  # noqa: BLE001 - report, never crash the server thread
             self.server.health.error("prometheus")
             warn_once("prometheus-collect", "otel_ml: /metrics collection failed: %s", exc)
             self.send(500, b"collection failed\n", "text/plain; charset=utf-8")
             return
         headers = {}
-        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
-            import gzip
-
+        if "gzip" in self.headers.get("Accept-Encoding", ""):
             body = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
-        self.send(200, body, content_type, headers)
+        self.send(200, body, CONTENT_TYPE, headers)
 
 
 class _Server(HardenedServer):
-    registry: CollectorRegistry
+    render: Callable[[], bytes]
     health: TelemetryHealth
     routes: dict[str, Callable[[], tuple[bytes, str]]]
 
@@ -146,17 +123,17 @@ def _family(host: str) -> socket.AddressFamily:
 
 
 class MetricsServer:
-    """Serves ``registry`` on ``base_port + local_rank`` or the next free port.
+    """Serves ``render()`` (the exposition) on ``base_port + local_rank`` or the next free port.
 
     Example::
 
-        server = MetricsServer(registry, "localhost", 9464, local_rank=0)
+        server = MetricsServer(reader.render, "localhost", 9464, local_rank=0)
         port = server.start()
     """
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        render: Callable[[], bytes],
         host: str = "localhost",
         base_port: int = 9464,
         local_rank: int = 0,
@@ -168,7 +145,7 @@ class MetricsServer:
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
     ) -> None:
-        self.registry = registry
+        self.render = render
         self.host = host
         self.wanted_port = base_port + local_rank if base_port else 0
         self.attempts = attempts
@@ -210,7 +187,7 @@ class MetricsServer:
         if server is None:
             self.health.error("prometheus")
             return None
-        server.registry = self.registry
+        server.render = self.render
         server.health = self.health
         server.routes = self.routes
         self._server = server

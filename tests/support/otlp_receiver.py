@@ -86,6 +86,8 @@ class Received:
     transport: str  # "grpc" | "http/protobuf"
     headers: dict[str, str]  # lower-case keys: HTTP headers or gRPC invocation metadata
     message: Any  # ExportTraceServiceRequest | ExportMetricsServiceRequest
+    #: ``time.monotonic()`` when the request was stored.
+    at: float = field(default_factory=time.monotonic, compare=False)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class Attempt:
     transport: str
     mode: str
     headers: dict[str, str] = field(repr=False)
+    #: ``time.monotonic()`` when the request reached the handler.
+    at: float = field(default_factory=time.monotonic, compare=False)
 
 
 class _TraceServicer(trace_service_pb2_grpc.TraceServiceServicer):

@@ -34,7 +34,10 @@ class PrometheusServer:
         scrape_interval: str = "1s",
         evaluation_interval: str = "1s",
         alertmanager_url: str | None = None,
+        scrape_options: dict[str, Any] | None = None,
     ) -> None:
+        """``scrape_options`` is merged into the ``otel_ml`` scrape job (e.g. ``scheme``,
+        ``tls_config``, ``basic_auth``)."""
         self.binary = binary
         self.workdir = Path(workdir)
         self.port = free_port()
@@ -51,6 +54,7 @@ class PrometheusServer:
         }
         if static_targets:
             scrape["static_configs"] = [{"targets": static_targets}]
+        scrape.update(scrape_options or {})
         config: dict[str, Any] = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
             "scrape_configs": [scrape],

@@ -1,0 +1,211 @@
+"""Prometheus text exposition (format 0.0.4) straight from OTel ``MetricsData``, cheaply.
+
+The OTel Prometheus reader builds prometheus_client families on every scrape and
+prometheus_client then validates and escapes every label of every sample: about 10 µs per series
+here, all of it holding the GIL while the training thread waits. This encoder produces the same
+names and labels the OTel exporter would (same sanitizing and unit-suffix rules, no
+``otel_scope_*`` labels, ``target_info`` from the resource) but caches each series' label text,
+so a scrape costs a few microseconds per series. Tests compare its output with the OTel
+exporter's, sample by sample.
+
+Example::
+
+    reader = ExpositionReader(sources)
+    provider = MeterProvider(metric_readers=[reader])
+    body = reader.render()   # bytes for GET /metrics
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry.exporter.prometheus._mapping import map_unit, sanitize_attribute, sanitize_full_name
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    MetricReader,
+    MetricsData,
+    Sum,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+
+from otel_ml._logging import warn_once
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_CUMULATIVE = {
+    kind: AggregationTemporality.CUMULATIVE
+    for kind in (
+        Counter,
+        UpDownCounter,
+        Histogram,
+        ObservableCounter,
+        ObservableUpDownCounter,
+        ObservableGauge,
+    )
+}
+
+
+def _escape_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, str):
+        return _escape_value(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _escape_value(str(value))
+
+
+def number(value: float) -> str:
+    """A sample value as Prometheus writes it (``+Inf``, ``-Inf``, ``NaN``)."""
+    if value != value:
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class Encoder:
+    """Caches family names and label texts across scrapes (one instance per reader)."""
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[str, str, str], tuple[str, str]] = {}
+        self._labels: dict[frozenset, str] = {}
+
+    def _family(self, name: str, unit: str, kind: str) -> tuple[str, str]:
+        """(family name, sample name) as the OTel Prometheus exporter derives them."""
+        key = (name, unit, kind)
+        known = self._names.get(key)
+        if known is None:
+            family = sanitize_full_name(name)
+            if kind == "counter" and family.endswith("_total"):
+                family = family[: -len("_total")]  # as prometheus_client: "_total" is re-added below
+            suffix = map_unit(unit or "")
+            if suffix and not family.endswith("_" + suffix):
+                family += "_" + suffix
+            known = (family, family + "_total" if kind == "counter" else family)
+            self._names[key] = known
+        return known
+
+    def _label_text(self, attributes: Mapping[str, Any]) -> str:
+        key = frozenset(attributes.items())
+        text = self._labels.get(key)
+        if text is None:
+            if len(self._labels) > 100_000:
+                self._labels.clear()
+            pairs = sorted((sanitize_attribute(k), _label_value(v)) for k, v in attributes.items())
+            text = ",".join(f'{k}="{v}"' for k, v in pairs)
+            self._labels[key] = text
+        return text
+
+    def encode(self, data: MetricsData | None) -> str:
+        if data is None:
+            return ""
+        out: list[str] = []
+        families: dict[str, list[str]] = {}
+        headers: dict[str, tuple[str, str]] = {}
+        for resource_metrics in data.resource_metrics:
+            if not out and resource_metrics.resource.attributes:
+                labels = self._label_text(resource_metrics.resource.attributes)
+                out += [
+                    "# HELP target_info Target metadata",
+                    "# TYPE target_info gauge",
+                    f"target_info{{{labels}}} 1.0",
+                ]
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    self._metric(metric, families, headers)
+        for family, lines in families.items():
+            kind, description = headers[family]
+            shown = family + "_total" if kind == "counter" else family  # as prometheus_client writes it
+            out.append(f"# HELP {shown} {_escape_help(description)}")
+            out.append(f"# TYPE {shown} {kind}")
+            out.extend(lines)
+        return "\n".join(out) + "\n" if out else ""
+
+    def _metric(
+        self, metric: Any, families: dict[str, list[str]], headers: dict[str, tuple[str, str]]
+    ) -> None:
+        data = metric.data
+        if isinstance(data, Sum):
+            kind = "counter" if data.is_monotonic else "gauge"
+        elif isinstance(data, Gauge):
+            kind = "gauge"
+        elif isinstance(data, HistogramData):
+            kind = "histogram"
+        else:
+            warn_once(
+                f"exposition:{metric.name}", "otel_ml: /metrics skips %s (unsupported kind)", metric.name
+            )
+            return
+        family, sample = self._family(metric.name, metric.unit or "", kind)
+        headers.setdefault(family, (kind, metric.description or ""))
+        lines = families.setdefault(family, [])
+        for point in data.data_points:
+            labels = self._label_text(point.attributes)
+            if kind != "histogram":
+                lines.append(
+                    f"{sample}{{{labels}}} {number(point.value)}"
+                    if labels
+                    else f"{sample} {number(point.value)}"
+                )
+                continue
+            sep = "," if labels else ""
+            running = 0
+            for bound, count in zip((*point.explicit_bounds, math.inf), point.bucket_counts, strict=False):
+                running += count
+                le = "+Inf" if bound == math.inf else repr(float(bound))
+                lines.append(f'{family}_bucket{{{labels}{sep}le="{le}"}} {running}.0')
+            suffix = f"{{{labels}}}" if labels else ""
+            lines.append(f"{family}_count{suffix} {float(point.count)!r}")
+            lines.append(f"{family}_sum{suffix} {number(point.sum)}")
+
+
+class ExpositionReader(MetricReader):
+    """A pull reader whose :meth:`render` collects now and returns the text exposition.
+
+    ``sources`` (a :class:`otel_ml.pipeline.MetricSources`) adds the metrics otel_ml aggregates
+    itself. Scrapes are serialised: the encoder's caches are not shared between threads.
+    """
+
+    def __init__(self, sources: Any | None = None) -> None:
+        super().__init__(preferred_temporality=_CUMULATIVE)
+        self._sources = sources
+        self._encoder = Encoder()
+        self._data: MetricsData | None = None
+        self._lock = threading.Lock()
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        self._data = self._sources.augment(metrics_data) if self._sources is not None else metrics_data
+
+    def render(self) -> bytes:
+        with self._lock:
+            self._data = None
+            self.collect()
+            return self._encoder.encode(self._data).encode("utf-8")
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        return None
+
+
+def families_of(lines: Iterable[str]) -> set[str]:
+    """Family names declared by ``# TYPE`` lines (a helper for tests and tools)."""
+    return {line.split()[2] for line in lines if line.startswith("# TYPE ")}
