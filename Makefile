@@ -43,8 +43,8 @@ unit: setup
 integration: setup system-deps
 	$(VENV)/bin/pytest -q -m integration
 
-bench: setup
-	$(PY) benchmarks/bench_log.py
+bench: setup system-deps
+	for b in log span progress soak scale; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 docs: setup
 	$(PY) .ci/update_readme.py

@@ -159,6 +159,7 @@ class Telemetry:
         aggregator.before.append(self.anomalies.process)
         self.anomalies.register(self.meter, self.attributes)
         pipeline.add_job(self.training.drain_durations)
+        sources.add(self.training.metrics)
         security = server_security(cfg) if prom_reader is not None else None
         if prom_reader is not None and security is not None:
             self.server = MetricsServer(

@@ -2,9 +2,10 @@
 
 The hot path only stores numbers in plain Python containers (a few hundred nanoseconds per
 value). OTel instruments are observable: their callbacks read those containers when a reader
-collects (a Prometheus scrape or the push thread). The step-duration histogram is the only
-synchronous instrument; its observations are queued and recorded at collection time, from the
-first callback (:meth:`TrainingMetrics._refresh`), which also resolves deferred GPU values.
+collects (a Prometheus scrape or the push thread). Step durations are queued and aggregated
+off the training thread into a histogram otel_ml keeps itself (:meth:`TrainingMetrics.metrics`,
+added to every collection); the first callback (:meth:`TrainingMetrics._refresh`) drains that
+queue and resolves deferred GPU values.
 
 Non-finite values never reach an instrument (the OTel SDK would drop them and log on every
 collection); they are counted per key in ``otel_ml_nonfinite_total{metric=...}`` and the gauge
@@ -25,10 +26,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.metrics.export import Metric
 
 from otel_ml import names, semconv
 from otel_ml._logging import logger, warn_once
 from otel_ml.health import TelemetryHealth
+from otel_ml.histogram import LabeledHistograms
 from otel_ml.values import Deferred, UnusableValueError, coerce
 
 _GAUGE, _SAMPLES, _TOKENS = 0, 1, 2
@@ -285,19 +288,28 @@ class TrainingMetrics:
         self.drain_durations()
 
     def drain_durations(self) -> None:
-        """Record queued step durations into the histogram (export thread or collection).
+        """Move queued step durations into the histogram (export thread or collection).
 
         Only the entries present on entry are taken, so a fast training loop cannot keep the
-        caller busy; the pump calls this every tick so the queue stays short.
+        caller busy; the pump calls this every tick so the queue stays short. The histogram is
+        aggregated by otel_ml (a bisect per step) rather than by the OTel SDK (about 7 µs per
+        ``record()``), and handed to the readers by :meth:`metrics`.
         """
         durations = self._durations
-        record = self._histogram.record
+        observe = self.step_durations.observe
         for _ in range(len(durations)):
             try:
                 value = durations.popleft()
             except IndexError:  # another collector (scrape or pump) drained it meanwhile
                 return
-            record(value, self._attrs)
+            observe((), value)
+
+    def metrics(self) -> list[Metric]:
+        """The step-duration histogram, for :class:`otel_ml.pipeline.MetricSources`."""
+        self.drain_durations()
+        spec = semconv.STEP_DURATION
+        metric = self.step_durations.to_metric(spec.name, spec.unit, spec.description, (), self._attrs)
+        return [] if metric is None else [metric]
 
     def _gauge_callback(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:
@@ -369,13 +381,7 @@ class TrainingMetrics:
             )
         spec = semconv.NONFINITE
         m.create_observable_counter(spec.name, [self._observe_nonfinite], spec.unit, spec.description)
-        spec = semconv.STEP_DURATION
-        self._histogram = m.create_histogram(
-            spec.name,
-            unit=spec.unit,
-            description=spec.description,
-            explicit_bucket_boundaries_advisory=list(semconv.STEP_DURATION_BUCKETS),
-        )
+        self.step_durations = LabeledHistograms(semconv.STEP_DURATION_BUCKETS)
 
     def _builtin_callback(self, keys: list[str]) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:

@@ -19,6 +19,7 @@ import otel_ml
 from otel_ml import runtime
 from otel_ml.config import Config
 from tests.support.metrics import parse_exposition, points, value
+from tests.support.net import wait_until
 
 
 @pytest.fixture
@@ -39,15 +40,6 @@ def _opts(tmp_path, **extra):
         "set_global_providers": False,
         **extra,
     }
-
-
-def _wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_module_functions_before_init_are_no_ops(fresh_runtime):
@@ -101,7 +93,7 @@ def test_disabled_sdk_is_a_no_op_without_server_or_files(fresh_runtime, tmp_path
 
 def test_endpoint_file_names_the_served_port(fresh_runtime, tmp_path):
     t = otel_ml.init(**_opts(tmp_path))
-    assert _wait_for(t.endpoint_file.exists)
+    wait_until(t.endpoint_file.exists, 5)
     info = json.loads(t.endpoint_file.read_text())
     assert info["port"] == t.port and info["url"] == t.metrics_url
     assert (info["rank"], info["run_id"]) == (0, "unit")

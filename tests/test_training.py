@@ -134,8 +134,16 @@ def test_negative_counts_are_ignored_with_a_warning(setup, caplog):
     assert "negative samples" in caplog.text
 
 
+def _step_histogram(tm):
+    (metric,) = tm.metrics()
+    assert metric.name == "otel_ml_step_duration_seconds" and metric.unit == "s"
+    (point,) = metric.data.data_points
+    assert point.attributes == ATTRS
+    return point
+
+
 def test_step_duration_histogram_measures_time_between_steps(setup):
-    tm, reader, clock, _ = setup
+    tm, _, clock, _ = setup
     tm.log(0, {"loss": 1.0})
     clock.now += 0.02
     tm.log(1, {"loss": 1.0})
@@ -143,7 +151,7 @@ def test_step_duration_histogram_measures_time_between_steps(setup):
     tm.log(1, {"lr": 0.1})  # same step again: not a new step
     clock.now += 0.3
     tm.log(4, {"loss": 1.0})  # 3 steps in 0.31 s since step 1 began: per-step mean 0.1033 s
-    hist = value(points(reader), "otel_ml_step_duration_seconds", **ATTRS)
+    hist = _step_histogram(tm)
     assert hist.count == 2
     assert hist.sum == pytest.approx(0.02 + 0.31 / 3)
     bounds = list(hist.explicit_bounds)
@@ -153,13 +161,13 @@ def test_step_duration_histogram_measures_time_between_steps(setup):
 
 
 def test_step_going_backwards_restarts_timing_without_a_sample(setup):
-    tm, reader, clock, _ = setup
+    tm, _, clock, _ = setup
     tm.log(5, {})
     clock.now += 1
     tm.log(0, {})
     clock.now += 0.5
     tm.log(1, {})
-    hist = value(points(reader), "otel_ml_step_duration_seconds")
+    hist = _step_histogram(tm)
     assert (hist.count, hist.sum) == (1, pytest.approx(0.5))
 
 

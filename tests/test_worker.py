@@ -10,6 +10,7 @@ import pytest
 
 from otel_ml.exporters._worker import MAX_SPAN_BATCH, SinkWorker, redact
 from otel_ml.health import TelemetryHealth
+from tests.support.net import wait_until
 
 
 class ScriptedSink:
@@ -47,15 +48,6 @@ class ScriptedSink:
         self.closed = True
 
 
-def _wait(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 @pytest.fixture
 def worker():
     sink, health = ScriptedSink(), TelemetryHealth()
@@ -85,7 +77,7 @@ def test_span_queue_is_bounded_and_overflow_is_counted(worker):
     w, sink, health = worker
     sink.mode = "hang"
     w.submit_metrics("block")  # occupies the worker
-    assert _wait(lambda: w._busy)
+    wait_until(lambda: w._busy, 5)
     for i in range(150):
         w.submit_span(i)
     assert health.drops["spans"] == 50
@@ -104,7 +96,7 @@ def test_a_full_batch_is_sent_without_waiting_for_the_delay(queue_size):
     for i in range(batch):
         w.submit_span(i)
     try:
-        assert _wait(lambda: len(sink.spans) == batch)
+        wait_until(lambda: len(sink.spans) == batch, 5)
     finally:
         w.stop(time.monotonic() + 2)
 
@@ -113,7 +105,7 @@ def test_newer_metrics_supersede_unsent_ones(worker):
     w, sink, health = worker
     sink.mode = "hang"
     w.submit_metrics("first")
-    assert _wait(lambda: w._busy)
+    wait_until(lambda: w._busy, 5)
     w.submit_metrics("second")
     w.submit_metrics("third")
     sink.mode = "ok"
@@ -156,7 +148,7 @@ def test_stop_is_bounded_when_the_destination_hangs(worker):
     w.submit_metrics("stuck")
     for i in range(4):
         w.submit_span(i)
-    assert _wait(lambda: w._busy)
+    wait_until(lambda: w._busy, 5)
     started = time.monotonic()
     assert w.stop(time.monotonic() + 0.5) is False
     assert time.monotonic() - started < 1.5

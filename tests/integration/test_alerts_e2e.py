@@ -12,14 +12,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from otel_ml.cli import endpoint_files, file_sd_targets
 from tests.support.alertmanager import AlertmanagerServer, WebhookReceiver, config_for_test
-from tests.support.net import free_port_block, wait_until
+from tests.support.demo import demo_command, demo_env
+from tests.support.net import wait_until
 from tests.support.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
@@ -77,15 +77,8 @@ def stack(tmp_path, prometheus_binary, alertmanager_binary):
 
 
 def _demo(processes, run_dir: Path, *args: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "OTEL_EXPORTER_PROMETHEUS_PORT": str(free_port_block(2)),
-        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
-        "OTEL_ML_RUN_ID": run_dir.name,
-        "OTEL_ML_RUN_DIR": str(run_dir),
-        "OTEL_ML_PROGRESS_VIEW": "off",
-    }
-    command = [sys.executable, "-m", "otel_ml.cli", "demo", "--ranks", "2", "--files", "0", *args]
+    command = demo_command("--ranks", "2", "--files", "0", *args)
+    env = demo_env(run_dir, OTEL_ML_PROGRESS_VIEW="off")
     return processes.start(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

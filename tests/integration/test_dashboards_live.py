@@ -10,9 +10,7 @@ the run". The variable queries themselves (label_values) are checked to offer th
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,8 @@ from tests.support.dashboards import (
     variable_query,
     variables_of,
 )
-from tests.support.net import free_port_block, wait_until
+from tests.support.demo import demo_command, demo_env
+from tests.support.net import wait_until
 from tests.support.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
@@ -73,15 +72,8 @@ VARIABLE_CHOICES = {"path": "forward", "task": "inference"}
 
 
 def _start_demo(processes, run_dir: Path, log: Path) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "OTEL_EXPORTER_PROMETHEUS_PORT": str(free_port_block(2)),
-        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
-        "OTEL_ML_RUN_ID": run_dir.name,
-        "OTEL_ML_RUN_DIR": str(run_dir),
-        "OTEL_ML_TIMING_TABLE": "0",
-    }
-    command = [sys.executable, "-m", "otel_ml.cli", "demo", *DEMO_ARGS]
+    env = demo_env(run_dir, OTEL_ML_TIMING_TABLE="0")
+    command = demo_command(*DEMO_ARGS)
     with open(log, "wb") as stderr:  # a file, not a pipe: tqdm output must never block the demo
         return processes.start(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 

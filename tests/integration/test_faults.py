@@ -157,6 +157,7 @@ def healthy_losses(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, 
 
 @pytest.mark.parametrize("protocol", [GRPC, HTTP])
 def test_collector_flapping_exports_resume_and_training_is_unchanged(
+    measure: Callable[[str, str], None],
     protocol: str,
     otlp_receiver: OtlpReceiver,
     processes: Processes,
@@ -192,6 +193,10 @@ def test_collector_flapping_exports_resume_and_training_is_unchanged(
     otlp_receiver.wait_for(lambda: len(otlp_receiver.received(METRICS)) > before, timeout=10)
     resumed_after = otlp_receiver.received(METRICS)[before].at - back
     assert resumed_after <= 2 * INTERVAL, f"exports resumed {resumed_after:.3f}s after recovery"
+    measure(
+        f"collector back ({protocol}, {INTERVAL} s interval): first metrics export after",
+        f"{resumed_after:.2f} s",
+    )
     # ...and keep the configured cadence.
     otlp_receiver.wait_for(lambda: len(otlp_receiver.received(METRICS)) >= before + 5, timeout=10)
     arrivals = [r.at for r in otlp_receiver.received(METRICS)[before : before + 5]]
@@ -289,6 +294,7 @@ def resident_bytes(pid: int) -> int:
 
 @pytest.mark.parametrize("collector", ["refused", "hang"])
 def test_collector_absent_for_a_long_run_keeps_memory_bounded(
+    measure: Callable[[str, str], None],
     collector: str,
     refused_port: int,
     otlp_receiver_factory: Callable[..., OtlpReceiver],
@@ -326,6 +332,11 @@ def test_collector_absent_for_a_long_run_keeps_memory_bounded(
     report = json.loads(child.stdout_lines[-1])
 
     growth = end_rss - warm_rss
+    measure(
+        f"collector {collector}: RSS growth over {TOTAL_STEPS - WARMUP_STEPS} traced steps after warm-up",
+        f"{growth / 2**20:+.1f} MiB (bound {RSS_GROWTH_BOUND / 2**20:.0f} MiB)",
+    )
+    measure(f"collector {collector}: shutdown() took", f"{report['shutdown_seconds']:.2f} s (timeout 2 s)")
     assert growth < RSS_GROWTH_BOUND, (
         f"RSS grew {growth / 2**20:.1f} MiB over {TOTAL_STEPS - WARMUP_STEPS} traced steps "
         f"({warm_rss / 2**20:.1f} -> {end_rss / 2**20:.1f} MiB)"
@@ -548,11 +559,14 @@ def assert_flushed_up_to_the_last_step(child: LiveChild, rank_dir: Path) -> None
     assert max(file_gauge(rank_dir, "otel_ml_step")) >= last
 
 
-def test_sigterm_flushes_and_exits_as_killed_by_the_signal(processes: Processes, tmp_path: Path) -> None:
+def test_sigterm_flushes_and_exits_as_killed_by_the_signal(
+    measure: Callable[[str, str], None], processes: Processes, tmp_path: Path
+) -> None:
     child, rank_dir = start_signalled(processes, tmp_path)
     sent = time.monotonic()
     os.kill(child.pid, signal.SIGTERM)
     code = child.wait_exit(EXIT_BOUND + 4)
+    measure("SIGTERM: flushed and exited after", f"{time.monotonic() - sent:.2f} s (exit status {code})")
     assert time.monotonic() - sent < EXIT_BOUND, child.output
     assert code == -signal.SIGTERM, child.output
     assert_flushed_up_to_the_last_step(child, rank_dir)

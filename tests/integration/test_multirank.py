@@ -4,7 +4,6 @@ per-rank files, and a real Prometheus scraping both ranks."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from otel_ml.cli import endpoint_files, file_sd_targets
 from otel_ml.exporters.files import read_jsonl
+from tests.support.demo import demo_command, demo_env
 from tests.support.metrics import parse_exposition
 from tests.support.net import free_port_block, wait_until
 from tests.support.prometheus import PrometheusServer
@@ -23,15 +23,13 @@ pytestmark = pytest.mark.integration
 
 
 def _start_demo(processes, run_dir: Path, base_port: int, *args: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "OTEL_EXPORTER_PROMETHEUS_PORT": str(base_port),
-        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
-        "OTEL_ML_RUN_ID": run_dir.name,
-        "OTEL_ML_RUN_DIR": str(run_dir),
-    }
-    command = [sys.executable, "-m", "otel_ml.cli", "demo", "--ranks", "2", *args]
-    return processes.start(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return processes.start(
+        demo_command("--ranks", "2", *args),
+        env=demo_env(run_dir, base_port),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _endpoints(run_dir: Path, count: int) -> list[dict]:

@@ -404,7 +404,10 @@ def test_long_outage_is_reported_once(protocol: str, refused_port: int, tmp_path
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_hanging_collector_bounds_shutdown_and_exit(
-    protocol: str, otlp_receiver_factory: Callable[..., OtlpReceiver], tmp_path: Path
+    measure: Callable[[str, str], None],
+    protocol: str,
+    otlp_receiver_factory: Callable[..., OtlpReceiver],
+    tmp_path: Path,
 ) -> None:
     receiver = otlp_receiver_factory(mode="hang")
     timeout = 2.0
@@ -418,6 +421,10 @@ def test_hanging_collector_bounds_shutdown_and_exit(
     assert receiver.attempts, "the child never reached the receiver"
     assert {(a.mode, a.transport) for a in receiver.attempts} == {("hang", protocol)}
     assert receiver.received() == []
+    measure(
+        f"collector hangs ({protocol}): shutdown() / process exit after it",
+        f"{child.report['shutdown_seconds']:.2f} s / {child.exit_seconds:.2f} s (timeout {timeout:g} s)",
+    )
     assert child.report["shutdown_seconds"] < timeout + 1.0, child.output
     assert child.report["shutdown_ok"] is False, "a destination must have been abandoned at the deadline"
     # No exporter thread, at-exit hook or gRPC channel holds the process after shutdown().

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from otel_ml.cli import endpoint_files, file_sd_targets
+from tests.support.demo import demo_env
 from tests.support.net import free_port, free_port_block, wait_until
 from tests.support.prometheus import PrometheusServer
 
@@ -24,14 +25,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _demo_env(run_dir: Path, base_port: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OTEL_EXPORTER_PROMETHEUS_PORT": str(base_port),
-        "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
-        "OTEL_ML_RUN_ID": run_dir.name,
-        "OTEL_ML_RUN_DIR": str(run_dir),
-        "COLUMNS": "160",
-    }
+    return demo_env(run_dir, base_port, COLUMNS="160")
 
 
 def test_rank_zero_terminal_shows_both_ranks_and_a_global_eta(tmp_path, processes):

@@ -9,16 +9,15 @@ Example::
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.support.net import free_port, wait_until
+from tests.support.binary_server import BinaryServer
+from tests.support.net import wait_until
 
 
 class WebhookReceiver:
@@ -89,56 +88,20 @@ def config_for_test(shipped: Path, webhook_url: str) -> str:
     return yaml.safe_dump(config)
 
 
-class AlertmanagerServer:
+class AlertmanagerServer(BinaryServer):
     """Starts ``prometheus-alertmanager`` with a config on a free loopback port; always stops it."""
 
+    name = "alertmanager"
+
     def __init__(self, binary: str, workdir: Path, config_text: str) -> None:
-        self.binary = binary
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(binary, workdir)
         self.config_file = self.workdir / "alertmanager.yml"
         self.config_file.write_text(config_text)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_file = self.workdir / "alertmanager.log"
-        self._proc: subprocess.Popen | None = None
 
-    def start(self) -> AlertmanagerServer:
-        with open(self.log_file, "wb") as log:
-            self._proc = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={self.config_file}",
-                    f"--storage.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--cluster.listen-address=",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        def ready() -> bool:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"alertmanager exited: {self.log_file.read_text()[-2000:]}")
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                return response.status == 200
-
-        wait_until(ready, 30, what="alertmanager /-/ready")
-        return self
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(5)
-        self._proc = None
-
-    def __enter__(self) -> AlertmanagerServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def arguments(self) -> list[str]:
+        return [
+            f"--config.file={self.config_file}",
+            f"--storage.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--cluster.listen-address=",
+        ]

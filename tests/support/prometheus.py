@@ -9,7 +9,6 @@ Example::
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,11 +16,14 @@ from typing import Any
 
 import yaml
 
-from tests.support.net import free_port, wait_until
+from tests.support.binary_server import BinaryServer
+from tests.support.net import wait_until
 
 
-class PrometheusServer:
+class PrometheusServer(BinaryServer):
     """Starts ``prometheus`` with a generated config on a free loopback port; always stops it."""
+
+    name = "prometheus"
 
     def __init__(
         self,
@@ -38,11 +40,7 @@ class PrometheusServer:
     ) -> None:
         """``scrape_options`` is merged into the ``otel_ml`` scrape job (e.g. ``scheme``,
         ``tls_config``, ``basic_auth``)."""
-        self.binary = binary
-        self.workdir = Path(workdir)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(binary, workdir)
         self.targets_file = self.workdir / "targets.json"
         self.targets_file.write_text(json.dumps(file_sd or []))
         scrape: dict[str, Any] = {
@@ -66,53 +64,19 @@ class PrometheusServer:
             config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [target]}]}]}
         self.config_file = self.workdir / "prometheus.yml"
         self.config_file.write_text(yaml.safe_dump(config))
-        self.log_file = self.workdir / "prometheus.log"
-        self._proc: subprocess.Popen | None = None
 
     def set_targets(self, file_sd: list[dict[str, Any]]) -> None:
         tmp = self.targets_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(file_sd))
         tmp.replace(self.targets_file)
 
-    def start(self) -> PrometheusServer:
-        with open(self.log_file, "wb") as log:
-            self._proc = subprocess.Popen(
-                [
-                    self.binary,
-                    f"--config.file={self.config_file}",
-                    f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--web.enable-lifecycle",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        def ready() -> bool:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {self.log_file.read_text()[-2000:]}")
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
-                return response.status == 200
-
-        wait_until(ready, 30, what="prometheus /-/ready")
-        return self
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(5)
-        self._proc = None
-
-    def __enter__(self) -> PrometheusServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def arguments(self) -> list[str]:
+        return [
+            f"--config.file={self.config_file}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+        ]
 
     def api(self, path: str, **params: str) -> Any:
         query = urllib.parse.urlencode(params)
