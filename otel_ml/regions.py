@@ -147,6 +147,10 @@ class Aggregator:
             pending = self._open
             while pending and pending[0][END] <= end_ns:
                 inside.append(pending.popleft())
+            for node in {id(e[NODE]): e[NODE] for e in inside}.values():
+                stats = self.stats.get(node)
+                if stats is not None:
+                    stats.windows += 1  # steps in which this path ran (module timing is sampled)
             reason = self.sampler.decide(step, duration)
             events = self._flags.pop(step, None)
             if events and reason is None:

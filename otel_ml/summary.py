@@ -42,7 +42,18 @@ class PathStats:
         s = PathStats(); s.add(1.0, 0.5, 1.0); s.count  # 1
     """
 
-    __slots__ = ("_rng", "count", "gpu_count", "host_total", "max", "min", "samples", "self_total", "total")
+    __slots__ = (
+        "_rng",
+        "count",
+        "gpu_count",
+        "host_total",
+        "max",
+        "min",
+        "samples",
+        "self_total",
+        "total",
+        "windows",
+    )
 
     def __init__(self, seed: int = 0) -> None:
         self.count = 0
@@ -53,6 +64,7 @@ class PathStats:
         self.min = math.inf
         self.max = -math.inf
         self.samples: list[float] = []
+        self.windows = 0  # closed steps in which the path ran
         self._rng = random.Random(seed)
 
     def add(self, duration: float, self_time: float, host: float, gpu: bool = False) -> None:
@@ -93,6 +105,20 @@ class SummaryRow:
     gpu_timed: bool
 
 
+def _share(seconds: float, stats: PathStats, step_time: float, steps: int) -> float:
+    """Percent of a step's time, over the steps in which the path ran.
+
+    Module timing is sampled (every Nth step), so a module's time is compared with the time of
+    the steps it was timed in, not with all steps. Paths that ran in every step (or when the
+    windows are unknown) compare with the whole step time.
+    """
+    if step_time <= 0:
+        return 0.0
+    if 0 < stats.windows < steps:
+        return 100.0 * (seconds / stats.windows) / (step_time / steps)
+    return 100.0 * seconds / step_time
+
+
 def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) -> list[SummaryRow]:
     """Rows in tree order (parents first, siblings by total time, largest first).
 
@@ -129,8 +155,8 @@ def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) 
                     p95_ms=percentile(ordered, 95) * 1e3,
                     min_ms=s.min * 1e3,
                     max_ms=s.max * 1e3,
-                    share_pct=100.0 * s.total / step_time if step_time > 0 else 0.0,
-                    self_share_pct=100.0 * s.self_total / step_time if step_time > 0 else 0.0,
+                    share_pct=_share(s.total, s, step_time, steps),
+                    self_share_pct=_share(s.self_total, s, step_time, steps),
                     gpu_timed=s.gpu_count > 0,
                 )
             )

@@ -109,3 +109,28 @@ def test_live_table_shows_bars_milliseconds_and_percent():
     assert lines[0] == "title"
     assert lines[1].startswith("forward ") and "██████····" in lines[1] and "6.00 ms" in lines[1]
     assert "60.0%" in lines[1] and "30.0%" in lines[2]
+
+
+def test_a_path_timed_on_some_steps_only_is_shared_against_those_steps():
+    from opentelemetry.sdk.trace import TracerProvider
+
+    clock = Clock()
+    recorder = timing.Recorder(PathTree(), clock=clock)
+    agg = Aggregator(
+        recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
+    )
+    timing.install(recorder)
+    try:
+        for step in range(4):  # 10 ms steps; "module" (2 ms) is timed on steps 0 and 2 only
+            if step % 2 == 0:
+                with otel_ml.span("module"):
+                    clock.advance(2)
+                clock.advance(8)
+            else:
+                clock.advance(10)
+            recorder.step_end(step)
+        agg.process()
+    finally:
+        timing.install(None)
+    (row,) = agg.summary_rows()
+    assert row.count == 2 and row.share_pct == pytest.approx(20.0)  # not 10%: it ran in half the steps
