@@ -28,7 +28,6 @@ Example::
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 from otel_ml import timing
 from otel_ml.paths import PathNode, split
 from otel_ml.timing import END, EV_END, EV_START, NODE, PARENT, START, Region
+from otel_ml.values import tensor_type
 
 
 def _tensors(value: Any, limit: int = 8) -> Iterator[Any]:
@@ -147,7 +147,7 @@ class _TracedModule:
 
     def _hook_backward(self, args: Any, output: Any) -> None:
         tracer = self.tracer
-        if output.__class__ is _tensor_type() and output.grad_fn is not None:
+        if output.__class__ is tensor_type() and output.grad_fn is not None:
             outs = [_node_of(output)]  # the common case, without walking containers
         else:
             found = (_node_of(t) for t in _tensors(output) if t.grad_fn is not None)
@@ -283,11 +283,6 @@ def _hooks_for(tracer: ModuleTracer, node: Any) -> _NodeHooks:
         known = tracer.node_hooks[id(node)] = (node, _NodeHooks())
         node.register_prehook(known[1])
     return known[1]
-
-
-def _tensor_type() -> type | None:
-    torch = sys.modules.get("torch")
-    return getattr(torch, "Tensor", None)
 
 
 def _global_pre(module: Any, args: Any) -> None:

@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm as _tqdm
 
-from otel_ml import names
+from otel_ml import names, ranks
 from otel_ml._logging import warn_once
 
 OVERFLOW = "(overflow)"
@@ -207,10 +206,7 @@ def _rank() -> int:
     from otel_ml import runtime
 
     telemetry = runtime.get_telemetry()
-    if telemetry is not None:
-        return telemetry.rank
-    raw = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    return int(raw) if raw.strip().isdigit() else 0
+    return telemetry.rank if telemetry is not None else ranks.rank_from_env()
 
 
 class tqdm(_tqdm):  # noqa: N801 - the drop-in keeps tqdm's name

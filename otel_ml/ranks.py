@@ -111,6 +111,11 @@ def detect_run_id(env: Mapping[str, str]) -> str:
     return f"{stamp}-{uuid.uuid4().hex[:6]}"
 
 
+def rank_from_env(env: Mapping[str, str] | None = None) -> int:
+    """The global rank from the launcher's variables only (``RANK``, ``SLURM_PROCID``, ...)."""
+    return _int_from(os.environ if env is None else env, RANK_VARS, 0) or 0
+
+
 def detect(env: Mapping[str, str] | None = None) -> RankInfo:
     """Detect rank, local rank, world size and run id (see module docstring for the order)."""
     env = os.environ if env is None else env
@@ -118,7 +123,7 @@ def detect(env: Mapping[str, str] | None = None) -> RankInfo:
     if from_torch is not None:
         rank, world_size = from_torch
     else:
-        rank = _int_from(env, RANK_VARS, 0) or 0
+        rank = rank_from_env(env)
         world_size = _int_from(env, WORLD_SIZE_VARS, 1) or 1
     local_rank = _int_from(env, LOCAL_RANK_VARS, 0) or 0
     if world_size <= rank:

@@ -129,10 +129,6 @@ def install(recorder: Recorder | None) -> None:
     _recorder = recorder
 
 
-def installed() -> Recorder | None:
-    return _recorder
-
-
 class Region:
     """A named region: context manager (sync and async) and decorator. Get one with :func:`span`.
 

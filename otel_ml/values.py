@@ -85,15 +85,16 @@ class LazyItem(Deferred):
         return float(self._tensor.item())
 
 
-def _tensor_type() -> type | None:
+def tensor_type() -> type | None:
+    """``torch.Tensor`` when torch is already imported (never imports it), else None."""
     torch = sys.modules.get("torch")
     return getattr(torch, "Tensor", None)
 
 
 def coerce(value: Any) -> float | Deferred:
     """Convert a logged value; raise :class:`UnusableValueError` when it cannot be a scalar."""
-    tensor_type = _tensor_type()
-    if tensor_type is not None and isinstance(value, tensor_type):
+    tensor_cls = tensor_type()
+    if tensor_cls is not None and isinstance(value, tensor_cls):
         return _coerce_tensor(value)
     if value is None or isinstance(value, (str, bytes, complex)):
         raise UnusableValueError(f"{type(value).__name__} is not a number")

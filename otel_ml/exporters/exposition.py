@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.exporter.prometheus._mapping import map_unit, sanitize_attribute, sanitize_full_name
@@ -204,8 +204,3 @@ class ExpositionReader(MetricReader):
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         return None
-
-
-def families_of(lines: Iterable[str]) -> set[str]:
-    """Family names declared by ``# TYPE`` lines (a helper for tests and tools)."""
-    return {line.split()[2] for line in lines if line.startswith("# TYPE ")}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from otel_ml.cli import endpoint_files, file_sd_targets
-from tests.support.demo import demo_env
+from tests.support.demo import demo_command, demo_env
 from tests.support.net import free_port, free_port_block, wait_until
 from tests.support.prometheus import PrometheusServer
 
@@ -65,7 +65,15 @@ def test_rank_zero_terminal_shows_both_ranks_and_a_global_eta(tmp_path, processe
     assert rank0 and rank1 and total, screen[-3000:]
 
 
-def _until_both_ranks_train(run_dir: Path) -> list[dict]:
+def _start_training(processes, run_dir: Path) -> list[dict]:
+    """A long 2-rank demo (training only); returns both ranks' endpoint records once they exist."""
+    processes.start(
+        demo_command("--ranks", "2", "--steps", "3000", "--files", "0"),
+        env=_demo_env(run_dir, free_port_block(2)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
     def ready():
         records = endpoint_files(run_dir)
         return records if len(records) == 2 else None
@@ -73,25 +81,23 @@ def _until_both_ranks_train(run_dir: Path) -> list[dict]:
     return wait_until(ready, 60, what="two endpoint files")
 
 
+def _top_once(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "otel_ml.cli", "top", "--once", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_top_once_against_a_running_two_rank_job_and_a_down_target(tmp_path, processes):
     run_dir = tmp_path / "top-run"
-    processes.start(
-        [sys.executable, "-m", "otel_ml.cli", "demo", "--ranks", "2", "--steps", "3000", "--files", "0"],
-        env=_demo_env(run_dir, free_port_block(2)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    records = _until_both_ranks_train(run_dir)
+    records = _start_training(processes, run_dir)
     dead = f"127.0.0.1:{free_port()}"
     targets = ",".join(f"127.0.0.1:{r['port']}" for r in records) + "," + dead
 
     def frame():
-        out = subprocess.run(
-            [sys.executable, "-m", "otel_ml.cli", "top", "--once", "--targets", targets],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = _top_once("--targets", targets)
         assert out.returncode == 0, out.stderr
         text = out.stdout
         ok = all(re.search(rf"\[rank {r}\] train +\d+% .* [\d.]+k?/3\.00k step", text) for r in (0, 1))
@@ -105,23 +111,12 @@ def test_top_once_against_a_running_two_rank_job_and_a_down_target(tmp_path, pro
 
 def test_top_once_against_a_real_prometheus(tmp_path, processes, prometheus_binary):
     run_dir = tmp_path / "top-prom"
-    processes.start(
-        [sys.executable, "-m", "otel_ml.cli", "demo", "--ranks", "2", "--steps", "3000", "--files", "0"],
-        env=_demo_env(run_dir, free_port_block(2)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    records = _until_both_ranks_train(run_dir)
+    records = _start_training(processes, run_dir)
     with PrometheusServer(prometheus_binary, tmp_path / "prom", file_sd=file_sd_targets(records)) as prom:
         prom.wait_for('otel_ml_progress_completed{run_id="top-prom"}', lambda r: len(r) == 2)
 
         def frame():
-            out = subprocess.run(
-                [sys.executable, "-m", "otel_ml.cli", "top", "--once", "--prometheus", prom.url],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            out = _top_once("--prometheus", prom.url)
             text = out.stdout
             both = all(re.search(rf"\[rank {r}\] train +\d+% .* [\d.]+k?/3\.00k step", text) for r in (0, 1))
             return text if both and "run top-prom" in text and "loss " in text else None
