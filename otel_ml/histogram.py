@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -68,6 +68,21 @@ class LabeledHistograms:
                 series.min = value
             if value > series.max:
                 series.max = value
+
+    def observe_many(self, observations: Iterable[tuple[tuple[str, ...], float]]) -> None:
+        """``observe`` for each ``(key, value)``, under one lock acquisition."""
+        bounds, all_series = self.bounds, self._series
+        with self._lock:
+            for key, value in observations:
+                series = all_series.get(key)
+                if series is None:
+                    series = all_series[key] = _Series(len(bounds) + 1)
+                series.counts[bisect_left(bounds, value)] += 1
+                series.sum += value
+                if value < series.min:
+                    series.min = value
+                if value > series.max:
+                    series.max = value
 
     def snapshot(self) -> dict[tuple[str, ...], tuple[list[int], float, float, float]]:
         """{key: (bucket counts, sum, min, max)}, a consistent copy."""

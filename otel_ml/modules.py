@@ -1,23 +1,26 @@
 """``trace_modules(model, depth=2)``: time every ``nn.Module`` up to a depth, forward and backward.
 
-Forward: a pre-hook opens the module's region and a forward hook (``always_call=True``, so it
-also runs when forward raises) closes it; regions nest like the modules, under whatever
-``otel_ml.span`` is open (``forward/model/encoder/layers.0``).
+Forward: while modules are timed, each traced module's ``forward`` is shadowed by an instance
+attribute that opens the module's region, calls the real forward and closes the region (also
+when it raises); regions nest like the modules, under whatever ``otel_ml.span`` is open
+(``forward/model/encoder/layers.0``). Module hooks could do the same, but any hook sends every
+call through PyTorch's slow hook path (about 3 µs more per call here, measured in
+``benchmarks/bench_span.py``); the attribute costs one Python call. It sees keyword inputs too.
 
 Backward: full module backward hooks wrap outputs in a custom autograd Function, which makes a
 later in-place op on them (``ReLU(inplace=True)``) raise, so they could break training. Instead,
-the forward hook registers hooks on autograd nodes: the module's backward region opens when the
-node that produced its output starts (``grad_fn`` pre-hook) and closes when gradients reach the
-nodes that produced its inputs (their pre-hooks); when no input needs a gradient, when the
+the forward wrapper registers hooks on autograd nodes: the module's backward region opens when
+the node that produced its output starts (``grad_fn`` pre-hook) and closes when gradients reach
+the nodes that produced its inputs (their pre-hooks); when no input needs a gradient, when the
 output node finishes (a leaf module) or when the backward pass ends (a module with traced
 children). Backward regions nest by module tree under ``<root>.backward``, which itself nests
 under the region open on the thread running backward (``backward/model.backward/encoder`` when
 ``loss.backward()`` runs inside ``otel_ml.span("backward")`` on CPU; CUDA autograd runs on its
 own threads, where the path starts at ``model.backward``).
 
-Hooks cost tens of microseconds per module call in a real loop (forward and backward, with cold
-caches), so by default modules are timed on every 20th step (``every=20``): between timed steps
-no hook is installed at all.
+Autograd node hooks still cost several microseconds per module call, so by default modules are
+timed on every 20th step (``every=20``): between timed steps the attributes are removed and the
+model runs exactly as if it were not traced.
 
 Example::
 
@@ -28,29 +31,38 @@ Example::
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+import contextlib
+import functools
+import types
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from otel_ml import timing
+from otel_ml._logging import warn_once
 from otel_ml.paths import PathNode, split
 from otel_ml.timing import END, EV_END, EV_START, NODE, PARENT, START, Region
 from otel_ml.values import tensor_type
 
 
-def _tensors(value: Any, limit: int = 8) -> Iterator[Any]:
-    """Tensors in a module's inputs/outputs (tensors, tuples, lists, dict values), at most ``limit``."""
+def _nodes(value: Any, tensor: type, limit: int = 8) -> tuple[Any, ...]:
+    """The distinct autograd nodes (see :func:`_node_of`) of the tensors in a module's inputs or
+    outputs: tensors, tuples, lists and dict values, looking at ``limit`` tensors at most."""
+    nodes: list[Any] = []
     stack = [value]
-    found = 0
-    while stack and found < limit:
+    seen = 0
+    while stack and seen < limit:
         item = stack.pop()
-        if hasattr(item, "grad_fn") and hasattr(item, "requires_grad"):
-            found += 1
-            yield item
-        elif isinstance(item, (tuple, list)):
+        if isinstance(item, tensor):
+            seen += 1
+            node = _node_of(item)
+            if node is not None and node not in nodes:
+                nodes.append(node)
+        elif item.__class__ is tuple or item.__class__ is list or isinstance(item, (tuple, list)):
             stack.extend(reversed(item))
         elif isinstance(item, dict):
             stack.extend(item.values())
+    return tuple(nodes)
 
 
 def _queue_end_of_backward(callback: Any) -> None:
@@ -60,16 +72,18 @@ def _queue_end_of_backward(callback: Any) -> None:
 
 
 def _node_of(tensor: Any) -> Any:
-    """The autograd node whose run marks a tensor's backward.
+    """The autograd node whose run marks a tensor's backward, or None when it needs no gradient.
 
     An in-place op on a view (``ReLU(inplace=True)`` after a ``Linear`` on 3-d input) replaces
     the view's node in the graph, but the node of the view's base always runs, right after the
     view's own (cheap) node: it is the one hooked.
     """
-    base = tensor._base
-    if base is not None and base.grad_fn is not None:
-        return base.grad_fn
-    return tensor.grad_fn
+    node = tensor.grad_fn
+    if node is not None:
+        base = tensor._base
+        if base is not None:
+            return base.grad_fn or node
+    return node
 
 
 class _Backward:
@@ -102,7 +116,7 @@ class _NodeHooks:
     A node is often both the output of one module and the input of the next, so when it is
     about to run, the consumer's backward ends and the producer's begins: stops run first.
     Nested modules often share their output node (a Sequential returns its last layer's
-    output); forward hooks run inner module first, so an outer module's start is put in front.
+    output); wrappers return inner module first, so an outer module's start is put in front.
     """
 
     __slots__ = ("starts", "stops")
@@ -118,53 +132,112 @@ class _NodeHooks:
             backward.start()
 
 
+def _timed_forward(traced: _TracedModule) -> Callable[..., Any]:
+    """The function bound to a module as its ``forward`` while the module is timed."""
+    region = traced.region
+
+    def forward(module: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = traced.inner
+        if inner is None or traced.ref() is not module:  # a deepcopy made while timed carries this
+            inner = type(module).forward.__get__(module)
+        rec = timing._recorder
+        if traced.live is not module or rec is None or rec.is_compiling():
+            return inner(*args, **kwargs)  # untimed: a copy, a removed tracer, torch.compile tracing
+        region.__enter__()
+        try:
+            output = inner(*args, **kwargs)
+        except BaseException as exc:
+            region.__exit__(exc.__class__, exc, exc.__traceback__)
+            raise
+        region.__exit__(None, None, None)
+        if traced.tracer.backward and rec.enabled:
+            traced.hook_backward(args, kwargs, output)
+        return output
+
+    return forward
+
+
 class _TracedModule:
-    def __init__(self, tracer: ModuleTracer, name: str, parent: _TracedModule | None) -> None:
+    """One traced module: its region, its ``forward`` wrapper and its open backward regions.
+
+    Only a weak reference to the module is kept while it is not timed, so tracing never keeps
+    a model alive by itself.
+    """
+
+    def __init__(self, tracer: ModuleTracer, module: Any, name: str, parent: _TracedModule | None) -> None:
         self.tracer = tracer
         self.parent = parent
         self.level = 0 if parent is None else parent.level + 1
         self.has_children = False
         if parent is not None:
             parent.has_children = True
-        self.region = Region(name)
+        self.region = Region(name, sampled=tracer.every > 1)
         self.backward_parts = split(name if parent is not None else f"{name}.backward")
         self._backward_node: tuple[Any, PathNode] | None = None
-        self.open_entries: list[list] = []  # open backward entries, innermost last
-        self.lock = threading.Lock()
+        #: Open backward entries, innermost last. list.append/remove/[-1] are atomic under the
+        #: GIL, which is all the autograd threads need here.
+        self.open_entries: list[list] = []
+        self.ref = weakref.ref(module)
+        self.live: Any = None  # the module while the wrapper is installed, else None
+        self.inner: Any = None  # an instance-level forward found when installing (other tools)
+        self.installed: Any = None
+        self.detached = False
+        self.func = _timed_forward(self)
+        functools.update_wrapper(self.func, type(module).forward)
 
     # forward -----------------------------------------------------------
-    def pre(self, module: Any, args: Any) -> None:
-        if self.tracer.active:
-            self.region.__enter__()
-
-    def post(self, module: Any, args: Any, output: Any) -> None:
-        if not self.tracer.active:
+    def install(self) -> None:
+        module = self.ref()
+        if module is None or self.live is module or self.detached:
             return
-        self.region.__exit__(None, None, None)
-        rec = timing._recorder
-        if self.tracer.backward and rec is not None and rec.enabled and not rec.is_compiling():
-            self._hook_backward(args, output)
+        attrs = module.__dict__
+        self.inner = attrs.get("forward")
+        self.installed = attrs["forward"] = types.MethodType(self.func, module)
+        self.live = module
 
-    def _hook_backward(self, args: Any, output: Any) -> None:
-        tracer = self.tracer
-        if output.__class__ is tensor_type() and output.grad_fn is not None:
-            outs = [_node_of(output)]  # the common case, without walking containers
+    def uninstall(self) -> None:
+        module, self.live = self.live, None
+        if module is None:
+            return
+        attrs = module.__dict__
+        if attrs.get("forward") is not self.installed:
+            # Replaced since by another tool, whose wrapper may call ours: keep delegating to
+            # what was below, and never install again (ours would end up calling itself).
+            self.detached = True
+            return
+        if self.inner is None:
+            del attrs["forward"]
         else:
-            found = (_node_of(t) for t in _tensors(output) if t.grad_fn is not None)
-            outs = list({id(n): n for n in found}.values())
-        if not outs:
-            return
-        ins = {id(n): n for n in (_node_of(t) for t in _tensors(args) if t.grad_fn is not None)}
+            attrs["forward"] = self.inner
+        self.installed = self.inner = None
+
+    def hook_backward(self, args: tuple, kwargs: dict, output: Any) -> None:
+        tensor = self.tracer.tensor
+        if output.__class__ is tensor:  # the common case, without walking containers
+            node = _node_of(output)
+            if node is None:
+                return
+            outs: tuple[Any, ...] = (node,)
+        else:
+            outs = _nodes(output, tensor)
+            if not outs:
+                return
+        if not kwargs and len(args) == 1 and args[0].__class__ is tensor:
+            node = _node_of(args[0])
+            ins: tuple[Any, ...] = () if node is None else (node,)
+        else:
+            ins = _nodes((args, kwargs) if kwargs else args, tensor)
         # Without inputs that need gradients (the model's root, an embedding), a module's
         # backward ends when its output node finishes (a leaf module) or when the backward
         # pass ends (a module with traced children, which run after its output node).
         backward = _Backward(self, end_with_pass=not ins and self.has_children)
         leaf_without_inputs = not ins and not self.has_children
+        tracer = self.tracer
         for node in outs:
             _hooks_for(tracer, node).starts.insert(0, backward)
             if leaf_without_inputs:
                 node.register_hook(backward.stop)
-        for node in ins.values():
+        for node in ins:
             _hooks_for(tracer, node).stops.append(backward)
 
     # backward ----------------------------------------------------------
@@ -183,9 +256,8 @@ class _TracedModule:
             return None
         parent = None
         if self.parent is not None:
-            with self.parent.lock:
-                if self.parent.open_entries:
-                    parent = self.parent.open_entries[-1]
+            with contextlib.suppress(IndexError):  # closed meanwhile on another thread
+                parent = self.parent.open_entries[-1]
         if parent is None:
             # The outermost module: nest under the caller's open region when backward runs on
             # the calling thread (CPU autograd), e.g. otel_ml.span("backward") around it.
@@ -196,8 +268,7 @@ class _TracedModule:
         if rec.events is not None:
             entry[EV_START] = rec.events.record()
         entry[START] = rec.clock()
-        with self.lock:
-            self.open_entries.append(entry)
+        self.open_entries.append(entry)
         return entry
 
     def close_backward(self, entry: list) -> None:
@@ -207,18 +278,17 @@ class _TracedModule:
         entry[END] = rec.clock()
         if rec.events is not None and entry[EV_START] is not None:
             entry[EV_END] = rec.events.record()
-        with self.lock:
-            if entry in self.open_entries:
-                self.open_entries.remove(entry)
+        with contextlib.suppress(ValueError):  # dropped at the step boundary meanwhile
+            self.open_entries.remove(entry)
         rec.finish(entry)
 
 
 class ModuleTracer:
-    """Hooks installed by :func:`trace_modules`; ``remove()`` takes them all off.
+    """What :func:`trace_modules` set up; ``remove()`` restores every module.
 
-    With ``every=1`` each traced module carries its own forward hooks. With ``every=N > 1`` two
-    process-wide module hooks are installed only for the steps that are timed and removed for
-    the others, so untimed steps run with no hook at all.
+    With ``every=1`` the traced modules keep their timed ``forward`` until ``remove()``. With
+    ``every=N > 1`` it is put on for the steps that are timed and taken off for the others, so
+    untimed steps run the model untouched.
 
     Example::
 
@@ -229,10 +299,9 @@ class ModuleTracer:
     def __init__(self, backward: bool, every: int) -> None:
         self.backward = backward
         self.every = max(1, every)
-        self.active = True
-        self.handles: list[Any] = []
+        self.active = False
+        self.tensor = tensor_type()
         self.modules: dict[str, _TracedModule] = {}
-        self.by_module: dict[int, _TracedModule] = {}
         #: Hooked autograd nodes of this step, by id (the node is kept so the id stays unique).
         self.node_hooks: dict[int, tuple[Any, _NodeHooks]] = {}
         self._steps = 0
@@ -247,32 +316,35 @@ class ModuleTracer:
         if self.node_hooks:
             _retired.append(self.node_hooks)
             self.node_hooks = {}
-        for module in self.modules.values():
-            if module.open_entries:
-                with module.lock:
+            for module in self.modules.values():
+                if module.open_entries:
                     module.open_entries.clear()
         if self.every > 1:
             self._steps += 1
-            active = self._steps % self.every == 0
-            if active != self.active:
-                self.active = active
-                _update_global_hooks()
+            self._set_active(self._steps % self.every == 0)
+
+    def _set_active(self, active: bool) -> None:
+        if active != self.active:
+            self.active = active
+            for module in self.modules.values():
+                if active:
+                    module.install()
+                else:
+                    module.uninstall()
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        """Restore every module's own ``forward``; later steps are not timed."""
         _tracers.discard(self)
-        _update_global_hooks()
+        self._set_active(False)
+        self.every = 0  # a step boundary racing with remove() must not install again
 
     def paths(self) -> list[str]:
-        """Module names in hook order (qualified, ``.``-separated as in ``named_modules``)."""
+        """Module names in tracing order (qualified, ``.``-separated as in ``named_modules``)."""
         return list(self.modules)
 
 
 _tracers: set[ModuleTracer] = set()
 _retired: list[dict] = []
-_global_handles: list[Any] = []
 #: Module classes that are never called themselves; their children take their name as a prefix.
 _CONTAINERS = frozenset({"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"})
 
@@ -285,36 +357,6 @@ def _hooks_for(tracer: ModuleTracer, node: Any) -> _NodeHooks:
     return known[1]
 
 
-def _global_pre(module: Any, args: Any) -> None:
-    for tracer in _tracers:
-        if tracer.every > 1 and tracer.active:
-            item = tracer.by_module.get(id(module))
-            if item is not None:
-                item.pre(module, args)
-
-
-def _global_post(module: Any, args: Any, output: Any) -> None:
-    for tracer in _tracers:
-        if tracer.every > 1 and tracer.active:
-            item = tracer.by_module.get(id(module))
-            if item is not None:
-                item.post(module, args, output)
-
-
-def _update_global_hooks() -> None:
-    """Install the process-wide hooks while a sampled tracer times a step, remove them otherwise."""
-    wanted = any(t.every > 1 and t.active for t in _tracers)
-    if wanted and not _global_handles:
-        from torch.nn.modules import module as torch_module
-
-        _global_handles.append(torch_module.register_module_forward_pre_hook(_global_pre))
-        _global_handles.append(torch_module.register_module_forward_hook(_global_post, always_call=True))
-    elif not wanted and _global_handles:
-        for handle in _global_handles:
-            handle.remove()
-        _global_handles.clear()
-
-
 def trace_modules(
     model: Any, depth: int | None = 2, *, backward: bool = True, every: int = 20, name: str | None = None
 ) -> ModuleTracer:
@@ -322,9 +364,10 @@ def trace_modules(
 
     The root region is named ``name`` (default: the model's class name); submodules use their
     attribute names, so paths look like ``TinyLM/encoder/layers.0``. Modules are timed on every
-    ``every``-th step (default 20; the first step is timed): hooks cost tens of microseconds per
-    module call in a real loop (forward and backward), and untimed steps carry none. No-op under
-    ``torch.compile`` tracing and before ``init()``.
+    ``every``-th step (default 20: steps 20, 40, ..., not the warm-up step 0): autograd node hooks
+    cost several microseconds per module call, and untimed steps run the model untouched. No-op under
+    ``torch.compile`` tracing and before ``init()``; a model returned by ``torch.compile`` is
+    not traced (one warning): time the compiled call with ``otel_ml.span`` instead.
 
     Example::
 
@@ -332,6 +375,10 @@ def trace_modules(
         otel_ml.trace_modules(model, depth=None, every=1)  # all modules, every step
     """
     tracer = ModuleTracer(backward, every)
+    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+        # Switching a compiled module's attributes every N steps would recompile it each time.
+        warn_once("trace-compiled", "otel_ml: trace_modules() skips a torch.compile'd model; use span()")
+        return tracer
     root_name = name or type(model).__name__
     traced: dict[str, _TracedModule] = {}
     for qualified, module in model.named_modules():
@@ -345,15 +392,13 @@ def trace_modules(
         if depth is not None and level > depth:
             continue
         local = qualified[len(parent_name) + 1 :] if parent_name else qualified
-        item = _TracedModule(tracer, local if qualified else root_name, parent)
+        item = _TracedModule(tracer, module, local if qualified else root_name, parent)
         traced[qualified] = item
         tracer.modules[qualified or root_name] = item
-        tracer.by_module[id(module)] = item
-        if tracer.every == 1:
-            tracer.handles.append(module.register_forward_pre_hook(item.pre))
-            tracer.handles.append(module.register_forward_hook(item.post, always_call=True))
     _tracers.add(tracer)
-    _update_global_hooks()
+    # With sampling, the first step (warm-up: lazy init, allocator, autotuning) is not timed: it
+    # would skew the module percentiles and shares. Without sampling, every step is.
+    tracer._set_active(tracer.every == 1)
     return tracer
 
 

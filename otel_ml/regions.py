@@ -34,7 +34,7 @@ from otel_ml.names import valid_text
 from otel_ml.paths import PathNode
 from otel_ml.sampling import ANOMALY, ERROR_REASON, EVERY, SLOW, TraceSampler
 from otel_ml.summary import PathStats, SummaryRow, build_summary
-from otel_ml.timing import CHILD, END, ERROR, EV_END, EV_START, GPU, NODE, PARENT, START, Recorder
+from otel_ml.timing import CHILD, END, ERROR, EV_END, EV_START, GPU, NODE, PARENT, REGION, START, Recorder
 
 #: Finished regions kept while waiting for their step's sampling decision.
 MAX_OPEN = 1 << 16
@@ -98,8 +98,9 @@ class Aggregator:
             self._flags.setdefault(step, []).append((name, dict(attributes)))
 
     def _drain_finished(self) -> None:
-        finished = self.recorder.finished
-        events = self.recorder.events
+        """Account finished regions in the order they ended (one histogram lock per drain)."""
+        finished, events = self.recorder.finished, self.recorder.events
+        all_stats, opened, observed = self.stats, self._open, []
         while finished:
             entry = finished[0]
             gpu = None
@@ -111,22 +112,22 @@ class Aggregator:
                 events.release(start_event, end_event)
                 entry[EV_START] = entry[EV_END] = None
             finished.popleft()
-            self._account(entry, gpu)
-
-    def _account(self, entry: list, gpu: float | None) -> None:
-        host = (entry[END] - entry[START]) / 1e9
-        duration = gpu if gpu is not None else host
-        entry[GPU] = gpu
-        parent = entry[PARENT]
-        if parent is not None:
-            parent[CHILD] += duration
-        node: PathNode = entry[NODE]
-        stats = self.stats.get(node)
-        if stats is None:
-            stats = self.stats[node] = PathStats(seed=len(self.stats))
-        stats.add(duration, max(0.0, duration - entry[CHILD]), host, gpu is not None)
-        self.histograms.observe((node.label,), duration)
-        self._open.append(entry)
+            host = (entry[END] - entry[START]) / 1e9
+            duration = gpu if gpu is not None else host
+            entry[GPU] = gpu
+            parent = entry[PARENT]
+            if parent is not None:
+                parent[CHILD] += duration
+            node: PathNode = entry[NODE]
+            stats = all_stats.get(node)
+            if stats is None:
+                stats = all_stats[node] = PathStats(seed=len(all_stats))
+                stats.sampled = entry[REGION].sampled
+            stats.add(duration, max(0.0, duration - entry[CHILD]), host, gpu is not None)
+            observed.append(((node.label,), duration))
+            opened.append(entry)
+        if observed:
+            self.histograms.observe_many(observed)
 
     def _drain_boundaries(self) -> None:
         boundaries = self.recorder.boundaries
@@ -151,6 +152,7 @@ class Aggregator:
                 stats = self.stats.get(node)
                 if stats is not None:
                     stats.windows += 1  # steps in which this path ran (module timing is sampled)
+                    stats.window_time += duration
             reason = self.sampler.decide(step, duration)
             events = self._flags.pop(step, None)
             if events and reason is None:

@@ -54,9 +54,10 @@ def _not_compiling() -> bool:
 
 
 def _compiling_check() -> Callable[[], bool]:
+    """The cheapest check that TorchDynamo folds to True while it traces (one plain function)."""
     torch = sys.modules.get("torch")
     compiler = getattr(torch, "compiler", None)
-    return getattr(compiler, "is_compiling", _not_compiling)
+    return getattr(compiler, "is_dynamo_compiling", None) or getattr(compiler, "is_compiling", _not_compiling)
 
 
 class Recorder:
@@ -141,12 +142,15 @@ class Region:
             ...
     """
 
-    __slots__ = ("_cache", "_parts", "name")
+    __slots__ = ("_cache", "_parts", "name", "sampled")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, sampled: bool = False) -> None:
         self.name = name
         self._parts = split(name)
         self._cache: tuple[PathNode | None, PathNode | None] = (None, None)
+        #: Timed on some steps only (``trace_modules(every=N)``): its share of step time is taken
+        #: over the steps it was timed in.
+        self.sampled = sampled
 
     def __enter__(self) -> Region:
         rec = _recorder

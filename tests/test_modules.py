@@ -136,41 +136,139 @@ def test_all_depths_with_inplace_relu_still_trains(aggregator):
 def test_every_n_times_modules_on_every_nth_step_only(aggregator):
     net = Net()
     tracer = otel_ml.trace_modules(net, depth=1, every=2)
-    _train(net, 6, aggregator.recorder)
+    _train(net, 7, aggregator.recorder)  # steps 2, 4 and 6 are timed; step 0 is warm-up
     counts = _counts(aggregator)
-    assert counts["forward"] == 6
+    assert counts["forward"] == 7
     assert counts["forward/Net/head"] == 3
     assert counts["backward/Net.backward/head"] == 3
     tracer.remove()
 
 
-def test_remove_takes_every_hook_off(aggregator):
+def _timed(net: nn.Module) -> list[str]:
+    """Names of the modules whose forward is currently shadowed by otel_ml."""
+    return [name for name, m in net.named_modules() if "forward" in vars(m)]
+
+
+def test_remove_restores_every_module_untouched(aggregator):
     net = Net()
-    tracer = otel_ml.trace_modules(net, depth=None)
+    tracer = otel_ml.trace_modules(net, depth=None, every=1)
+    assert len(_timed(net)) == len(tracer.paths())
     tracer.remove()
     _train(net, 2, aggregator.recorder)
     assert set(_counts(aggregator)) == {"forward", "backward"}
+    assert _timed(net) == []
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
-    from torch.nn.modules import module as torch_module
-
-    assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
 
 
-def test_by_default_only_every_twentieth_step_carries_any_hook(aggregator):
-    from torch.nn.modules import module as torch_module
-
+def test_by_default_modules_are_touched_on_every_twentieth_step_only(aggregator):
     net = Net()
     tracer = otel_ml.trace_modules(net, depth=1)
     assert tracer.every == 20
     installed = []
     for _ in range(41):
-        installed.append(bool(torch_module._global_forward_hooks))
+        installed.append(bool(_timed(net)))
         _train(net, 1, aggregator.recorder)  # one step, closed by step_end
-    assert [i for i, on in enumerate(installed) if on] == [0, 20, 40]
-    assert _counts(aggregator)["forward/Net/head"] == 3
-    assert not any(m._forward_hooks for m in net.modules())  # sampled mode uses the global hooks only
+    assert [i for i, on in enumerate(installed) if on] == [20, 40]  # step 0 is warm-up
+    assert _counts(aggregator)["forward/Net/head"] == 2
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())  # no hook at all
     tracer.remove()
-    assert not torch_module._global_forward_hooks
+    assert _timed(net) == []
+
+
+def test_keyword_inputs_end_the_backward_region_of_their_module(aggregator):
+    class Scale(nn.Module):
+        def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    class KwNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 4)
+            self.scale = Scale()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale(x=torch.tanh(self.inp(x)))
+
+    net = KwNet()
+    tracer = otel_ml.trace_modules(net, depth=1, every=1)
+    for step in range(2):
+        net(torch.randn(3, 4)).sum().backward()
+        aggregator.recorder.step_end(step)
+    aggregator.process()
+    stats = {n.path: s for n, s in aggregator.stats.items()}
+    # The tanh between the modules is nobody's backward: Scale's region ends where tanh's begins.
+    assert stats["KwNet.backward/scale"].count == 2
+    assert stats["KwNet.backward/scale"].total < stats["KwNet.backward"].total
+    tracer.remove()
+
+
+def test_the_timed_forward_keeps_the_signature_of_the_real_one(aggregator):
+    import inspect
+
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1, every=1)
+    assert "forward" in vars(net.head)
+    assert inspect.signature(net.head.forward) == inspect.signature(nn.Linear(1, 1).forward)
+    tracer.remove()
+
+
+def test_a_deepcopy_made_while_timed_runs_its_own_weights_untimed(aggregator):
+    import copy
+
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1, every=1)
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.head.bias.add_(1.0)
+    x = torch.randint(0, 10, (2, 3))
+    assert torch.allclose(twin(x), net(x) + 1.0)  # the copy calls its own forward, not net's
+    counts = _counts(aggregator)
+    assert counts["Net"] == 1 and counts["Net/head"] == 1  # one call of net; none of the copy
+    tracer.remove()
+
+
+def test_a_forward_replaced_by_another_tool_meanwhile_is_left_in_place(aggregator):
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1, every=2)
+    _train(net, 2, aggregator.recorder)  # steps 0 and 1 are untimed; step 2 is timed
+    ours = net.head.forward
+    assert "forward" in vars(net.head)
+    calls = []
+
+    def theirs(*args, **kwargs):
+        calls.append(1)
+        return ours(*args, **kwargs)
+
+    net.head.forward = theirs
+    _train(net, 5, aggregator.recorder)  # steps 2 to 6: timed and untimed alternate
+    assert net.head.forward is theirs and len(calls) == 5
+    tracer.remove()
+    assert _counts(aggregator)["forward/Net/head"] == 1  # timed once, then detached for good
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # importing torch._dynamo warns
+def test_a_compiled_model_is_not_traced_and_says_so(aggregator, caplog):
+    net = Net()
+    compiled = torch.compile(net)  # compiles lazily, on the first call: never called here
+    tracer = otel_ml.trace_modules(compiled, depth=1)
+    assert tracer.paths() == []
+    assert _timed(net) == []
+    assert "torch.compile" in caplog.text
+    tracer.remove()
+
+
+def test_tracing_does_not_keep_an_untimed_model_alive(aggregator):
+    import gc
+    import weakref
+
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=None)
+    _train(net, 1, aggregator.recorder)  # the next step is untimed: attributes are off
+    ref = weakref.ref(net)
+    del net
+    gc.collect()
+    assert ref() is None
+    tracer.remove()
 
 
 def test_an_exception_in_forward_closes_the_module_region(aggregator):

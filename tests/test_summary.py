@@ -121,9 +121,10 @@ def test_a_path_timed_on_some_steps_only_is_shared_against_those_steps():
     )
     timing.install(recorder)
     try:
+        module = timing.Region("module", sampled=True)  # as trace_modules(every=2) makes it
         for step in range(4):  # 10 ms steps; "module" (2 ms) is timed on steps 0 and 2 only
             if step % 2 == 0:
-                with otel_ml.span("module"):
+                with module:
                     clock.advance(2)
                 clock.advance(8)
             else:
@@ -134,3 +135,31 @@ def test_a_path_timed_on_some_steps_only_is_shared_against_those_steps():
         timing.install(None)
     (row,) = agg.summary_rows()
     assert row.count == 2 and row.share_pct == pytest.approx(20.0)  # not 10%: it ran in half the steps
+
+
+def test_a_phase_in_one_long_window_is_shared_against_all_step_time():
+    from opentelemetry.sdk.trace import TracerProvider
+
+    clock = Clock()
+    recorder = timing.Recorder(PathTree(), clock=clock)
+    agg = Aggregator(
+        recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
+    )
+    timing.install(recorder)
+    try:
+        for step in range(3):  # three 10 ms training steps
+            with otel_ml.span("train"):
+                clock.advance(10)
+            recorder.step_end(step)
+        for _ in range(8):  # then an evaluation of 8 x 5 ms batches, no step boundary: 50 ms in all
+            with otel_ml.span("eval/batch"):
+                clock.advance(5)
+        clock.advance(10)
+        agg.close_last_window()
+    finally:
+        timing.install(None)
+    rows = {r.path: r for r in agg.summary_rows()}
+    assert rows["eval/batch"].count == 8
+    # Not sampled: shares of all 80 ms of step time, whichever windows they ran in.
+    assert rows["eval/batch"].share_pct == pytest.approx(50.0)
+    assert rows["train"].share_pct == pytest.approx(37.5)
