@@ -12,7 +12,7 @@ Example::
 
 from __future__ import annotations
 
-import statistics
+import bisect
 from collections import deque
 
 EVERY = "every"
@@ -36,10 +36,17 @@ class TraceSampler:
         self.every = every
         self.factor = factor
         self.min_steps = min_steps
-        self._recent: deque[float] = deque(maxlen=window)
+        self._window = max(1, window)
+        self._recent: deque[float] = deque()  # arrival order, to know which value leaves
+        self._sorted: list[float] = []  # the same values, sorted: the median is an index away
 
     def median(self) -> float | None:
-        return statistics.median(self._recent) if self._recent else None
+        """The median of the recent steps' durations (None before the first step)."""
+        ordered, n = self._sorted, len(self._sorted)
+        if not n:
+            return None
+        mid = n // 2
+        return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
     def decide(self, step: int | None, duration: float) -> str | None:
         """The reason to trace this step (``every`` or ``slow``), or None."""
@@ -47,8 +54,11 @@ class TraceSampler:
         if self.every and step is not None and step % self.every == 0:
             reason = EVERY
         if self.factor > 0 and len(self._recent) >= self.min_steps:
-            median = statistics.median(self._recent)
-            if duration > self.factor * median:
+            median = self.median()
+            if median is not None and duration > self.factor * median:
                 reason = SLOW
         self._recent.append(duration)
+        bisect.insort(self._sorted, duration)
+        if len(self._recent) > self._window:
+            del self._sorted[bisect.bisect_left(self._sorted, self._recent.popleft())]
         return reason
