@@ -32,7 +32,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otel_ml import __version__, semconv
-from otel_ml._logging import logger
+from otel_ml._logging import logger, warn_once
 from otel_ml.exporters._worker import Sink, SinkWorker
 from otel_ml.health import TelemetryHealth
 
@@ -180,7 +180,9 @@ class Pipeline:
             try:
                 job()
             except Exception as exc:  # noqa: BLE001 - a failing job must not stop the pump
-                logger.warning("otel_ml: background job %s failed: %s", getattr(job, "__name__", job), exc)
+                name = getattr(job, "__name__", repr(job))
+                self.health.error("jobs")  # counted every time, logged once per job
+                warn_once(f"job:{name}", "otel_ml: background job %s failed: %r (logged once)", name, exc)
 
     def _push_metrics(self) -> None:
         if self._push_reader is None:

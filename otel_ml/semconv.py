@@ -169,7 +169,7 @@ EXPORT_ERRORS = MetricSpec(
     "otel_ml_export_errors",
     "{error}",
     "counter",
-    "Failed exports per exporter (otlp, files).",
+    "Failures per exporter (otlp, files), of metric collection (collect) and of background jobs (jobs).",
     "exporter threads",
     (LABEL_EXPORTER,),
 )

@@ -207,3 +207,15 @@ def test_shutdown_waits_for_the_final_export(fresh_runtime, tmp_path):
     t.shutdown(timeout=2)
     assert time.monotonic() - started < 2.5
     assert (tmp_path / "unit" / "rank-0" / "metrics.otlp.jsonl").exists()
+
+
+def test_a_failing_background_job_is_counted_each_time_and_logged_once(fresh_runtime, tmp_path, caplog):
+    telemetry = otel_ml.init(**_opts(tmp_path))
+    assert telemetry.pipeline is not None
+
+    def broken_job() -> None:
+        raise RuntimeError("boom")
+
+    telemetry.pipeline.add_job(broken_job)
+    wait_until(lambda: telemetry.health.errors.get("jobs", 0) >= 3, timeout=10, what="three failed ticks")
+    assert caplog.text.count("background job broken_job failed") == 1
