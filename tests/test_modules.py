@@ -227,6 +227,18 @@ def test_a_deepcopy_made_while_timed_runs_its_own_weights_untimed(aggregator):
     tracer.remove()
 
 
+def test_a_model_pickled_while_timed_loads_and_runs_untimed(aggregator):
+    import pickle
+
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1, every=1)
+    loaded = pickle.loads(pickle.dumps(net))  # torch.save(model) pickles the whole module
+    x = torch.randint(0, 10, (2, 3))
+    assert torch.allclose(loaded(x), net(x))
+    assert _counts(aggregator)["Net"] == 1  # only net's own call
+    tracer.remove()
+
+
 def test_a_forward_replaced_by_another_tool_meanwhile_is_left_in_place(aggregator):
     net = Net()
     tracer = otel_ml.trace_modules(net, depth=1, every=2)

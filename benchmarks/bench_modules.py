@@ -1,0 +1,418 @@
+"""End-to-end cost of ``trace_modules`` + ``otel_ml.span`` + ``log()`` in a real CPU training loop.
+
+Run from the repository root (torch must be installed; a CPU build is enough)::
+
+    python benchmarks/bench_modules.py           # full run, about 4 minutes
+    python benchmarks/bench_modules.py --quick   # smoke run, about 30 s
+
+It prints the machine facts and a markdown table with verdicts. otel_ml runs with
+``prometheus_port=0, files="off", summary=False`` in a temporary run dir: nothing collides.
+
+The loop: next-token training of a one-thread CPU transformer LM (2 encoder layers, d_model 128,
+22 module calls per step; AdamW, grad clipping), sequence length calibrated to ~10 ms per step.
+Variants:
+
+* A: the plain loop.
+* S: the step split into 10 ``otel_ml.span`` regions, closed by ``otel_ml.step_end()``.
+* D: S + ``trace_modules(model, depth=None)`` with its default sampling (every 20th step timed):
+  what the issue's target is about.
+* B: S + ``trace_modules(model, depth=None, every=1)``: every module, every step.
+* L: D + ``otel_ml.log(step, loss=...)`` before ``step_end()``: the whole training telemetry.
+  (One process runs every variant: once ``step_end()`` is in use, ``log()`` no longer closes
+  steps, so every variant closes them with ``step_end()``.)
+* C: naive OTel, what teams write first: forward hooks calling ``tracer.start_span``/``end()``
+  per module (flat, forward only, so a lower bound for per-module spans).
+
+A block is one unmeasured step (it absorbs the switch between variants: cold caches, a step
+window that spans the previous blocks) and 20 measured steps, one sampling period of
+``trace_modules``' default, so a D block holds exactly one timed step. Schedule: ``A X A Y A ...``
+with the order of the other variants shuffled in each round; each non-A block is compared with
+the mean of the A blocks on both sides, which cancels linear drift. Overhead: median over rounds
+of ``X / A - 1`` (block means: a timed step is slower and must count), bootstrap 95% interval.
+The verdict is PASS or FAIL only when the interval is on one side of the 1% target.
+
+Timed directly, on the training thread (precise, not subject to step-time noise): the hook cost of
+a timed step (8-token forward + backward with and without modules timed, interleaved); a region
+in a ``timeit`` loop (hot caches) and inside the training loop, where the step's kernels have
+evicted the interpreter's caches (the 10 regions are charged at that cold cost, an upper bound:
+adjacent regions share warm caches); ``step_end()`` and ``log()`` timed inside the loop; the
+export thread's CPU time per step (``thread_time`` around its ``process()``; it holds the GIL, so
+it is counted, although torch kernels on the training thread run meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import random
+import shutil
+import statistics
+import tempfile
+import time
+import timeit
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
+from torch import nn  # noqa: E402
+
+import otel_ml  # noqa: E402
+from otel_ml.regions import Aggregator  # noqa: E402
+
+VOCAB, MANUAL, BLOCK, STEP_MS, TARGET_PCT, EVERY = 1000, 10, 20, 10.0, 1.0, 20
+LABELS = {
+    "A": "A: plain loop",
+    "S": "S: 10 `otel_ml.span` regions + `step_end()`",
+    "D": "D: S + `trace_modules(model, depth=None)` (default: every 20th step)",
+    "B": "B: S + `trace_modules(model, depth=None, every=1)`",
+    "L": "L: D + `log(step, loss=...)`",
+    "C": "C: naive OTel spans per module (forward hooks, forward only)",
+}
+VARIANTS = "SDBLC"
+
+
+class Discard(SpanExporter):
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def naive_otel_hooks(model: nn.Module, tracer: Any) -> list[Any]:
+    """One OTel span per module call, from forward pre/post hooks."""
+    handles = []
+    for name, module in model.named_modules():
+        stack: list[Any] = []
+
+        def pre(_m: Any, _a: Any, label: str = name or "model", stack: list[Any] = stack) -> None:
+            stack.append(tracer.start_span(label))
+
+        def post(_m: Any, _a: Any, _o: Any, stack: list[Any] = stack) -> None:
+            stack.pop().end()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post, always_call=True))
+    return handles
+
+
+class Trainer:
+    """The training loop in each variant; ``block()`` runs one block and returns step seconds."""
+
+    def __init__(self, tracer: Any) -> None:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(128, 4, 512, dropout=0.1, batch_first=True)
+        encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.model = nn.Sequential(
+            OrderedDict(embed=nn.Embedding(VOCAB, 128), encoder=encoder, head=nn.Linear(128, VOCAB))
+        )
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=3e-4)
+        self.tracer, self.handles = tracer, []
+        self.step = 0
+        self.close_seconds = {"step_end": 0.0, "log": 0.0}
+        self.closes = {"step_end": 0, "log": 0}
+        self.set_shape(4, 32)
+
+    def set_shape(self, batch: int, seq: int) -> None:
+        self.batch, self.seq = batch, seq
+        tokens = [torch.randint(0, VOCAB, (batch, seq + 1)) for _ in range(8)]
+        self.data = [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+    def set_variant(self, variant: str) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        if variant in "DBL":
+            every = 1 if variant == "B" else EVERY
+            self.handles = [otel_ml.trace_modules(self.model, depth=None, every=every)]
+        elif variant == "C":
+            self.handles = naive_otel_hooks(self.model, self.tracer)
+
+    def plain_step(self, i: int) -> None:
+        x, y = self.data[i % len(self.data)]
+        loss = F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def spans_step(self, i: int, log: bool) -> None:
+        """``plain_step`` in 10 regions, then (``log()`` and) ``step_end()``."""
+        span = otel_ml.span
+        with span("step"):
+            with span("data"), span("fetch"):
+                x, y = self.data[i % len(self.data)]
+            with span("forward"):
+                out = self.model(x)
+            with span("loss"):
+                loss = F.cross_entropy(out.flatten(0, 1), y.flatten())
+            with span("backward"):
+                loss.backward()
+            with span("optimizer"):
+                with span("clip"):
+                    nn.utils.clip_grad_norm_(self.params, 1.0)
+                with span("update"):
+                    self.opt.step()
+                with span("zero_grad"):
+                    self.opt.zero_grad(set_to_none=True)
+        clock = time.perf_counter
+        if log:
+            start = clock()
+            otel_ml.log(i, loss=loss.detach())
+            self.close_seconds["log"] += clock() - start
+            self.closes["log"] += 1
+        start = clock()
+        otel_ml.step_end(i)
+        self.close_seconds["step_end"] += clock() - start
+        self.closes["step_end"] += 1
+
+    def block(self, variant: str, steps: int = BLOCK) -> list[float]:
+        """One unmeasured step, then ``steps`` measured ones; returns their seconds."""
+        self.set_variant(variant)
+        spans, log = variant in "SDBL", variant == "L"
+        clock, times = time.perf_counter, []
+        for _ in range(steps + 1):
+            self.step += 1
+            start = clock()
+            if spans:
+                self.spans_step(self.step, log)
+            else:
+                self.plain_step(self.step)
+            times.append(clock() - start)
+        self.set_variant("A")
+        return times[1:]
+
+
+def calibrate(trainer: Trainer) -> float:
+    """Scale the sequence length until a plain step takes about ``STEP_MS``; return the measured ms."""
+    for _ in range(6):
+        trainer.block("A", 5)
+        ms = statistics.median(trainer.block("A")) * 1e3
+        if abs(ms - STEP_MS) < 0.08 * STEP_MS:
+            break
+        trainer.set_shape(trainer.batch, max(4, min(512, round(trainer.seq * STEP_MS / ms))))
+    return ms
+
+
+def interval(diffs: list[float], rng: random.Random) -> tuple[float, float, float]:
+    boot = sorted(statistics.median(rng.choices(diffs, k=len(diffs))) for _ in range(2000))
+    return statistics.median(diffs), boot[49], boot[1949]
+
+
+def ab(trainer: Trainer, rounds: int) -> dict[str, Any]:
+    """Rounds of A X A Y ...: each X block against the mean of its neighbouring A blocks."""
+    for variant in "A" + VARIANTS:  # warm-up
+        trainer.block(variant)
+    rng = random.Random(0)
+    means: dict[str, list[float]] = {v: [] for v in "A" + VARIANTS}
+    diffs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    trainer.close_seconds = dict.fromkeys(trainer.close_seconds, 0.0)
+    trainer.closes = dict.fromkeys(trainer.closes, 0)
+    before = statistics.fmean(trainer.block("A"))
+    for _ in range(rounds):
+        order = list(VARIANTS)
+        rng.shuffle(order)
+        for variant in order:
+            mean = statistics.fmean(trainer.block(variant))
+            after = statistics.fmean(trainer.block("A"))
+            means[variant].append(mean)
+            means["A"].append(after)
+            diffs[variant].append((mean / ((before + after) / 2) - 1) * 100)
+            before = after
+    out: dict[str, Any] = {v: statistics.median(m) * 1e3 for v, m in means.items()}
+    out.update({v + "%": interval(d, rng) for v, d in diffs.items()})
+    for kind, seconds in trainer.close_seconds.items():
+        out[kind + "_us"] = seconds / max(1, trainer.closes[kind]) * 1e6
+    return out
+
+
+def export_cost(trainer: Trainer, agg: Aggregator, blocks: int) -> dict[str, float]:
+    """The export thread's CPU µs per step (``thread_time`` around its ``process()``), by variant:
+    ``blocks`` blocks of one variant, then a pump tick and a drain, before the next variant."""
+    inner, spent = agg.process, [0]
+
+    def timed_process() -> None:
+        start = time.thread_time_ns()
+        inner()
+        spent[0] += time.thread_time_ns() - start
+
+    agg.process = timed_process  # type: ignore[method-assign]
+    out = {}
+    for variant in "SDBL":
+        time.sleep(0.6)
+        agg.process()
+        spent[0] = 0
+        for _ in range(blocks):
+            trainer.block(variant)
+        time.sleep(0.6)  # one more pump tick, then drain the rest
+        agg.process()
+        out[variant] = spent[0] / (blocks * (BLOCK + 1)) / 1e3
+    del agg.process
+    return out
+
+
+def hook_cost(trainer: Trainer, agg: Aggregator, rounds: int, iters: int = 20) -> float:
+    """µs per step that timing every module adds to forward + backward (8 tokens), training thread."""
+    model, x = trainer.model, torch.randint(0, VOCAB, (1, 8))
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(rounds + 1):  # round 0 is a warm-up
+        for hooked in (False, True) if r % 2 else (True, False):
+            trainer.set_variant("B" if hooked else "A")
+            agg.process()  # so that the export thread has little to do during the sample
+            start = time.perf_counter()
+            for _ in range(iters):
+                model(x).sum().backward()
+                trainer.step += 1
+                otel_ml.step_end(trainer.step)  # resets the per-step hook state, as in training
+            if r:
+                samples[hooked].append((time.perf_counter() - start) / iters * 1e6)
+    trainer.set_variant("A")
+    trainer.opt.zero_grad(set_to_none=True)
+    return statistics.median(samples[True]) - statistics.median(samples[False])
+
+
+def module_calls(trainer: Trainer) -> int:
+    """How many module calls one training step makes (each is timed, forward and backward)."""
+    from torch.nn.modules import module as torch_module
+
+    calls = []
+    handle = torch_module.register_module_forward_pre_hook(lambda *_: calls.append(1))
+    trainer.plain_step(0)
+    handle.remove()
+    return len(calls)
+
+
+def region_cost(agg: Aggregator, trainer: Trainer) -> float:
+    """µs per ``with otel_ml.span(name)`` (name lookup included), median of 50 batches of 1000."""
+    names = {"span": otel_ml.span, "gc": gc}
+    timer = timeit.Timer('with span("forward"):\n    pass', "gc.enable()", globals=names)
+    samples = []
+    for _ in range(50):
+        samples.append(timer.timeit(1000) / 1000 * 1e6)
+        trainer.step += 1
+        otel_ml.step_end(trainer.step)
+        agg.process()
+    return statistics.median(samples)
+
+
+def region_in_loop(trainer: Trainer, steps: int) -> float:
+    """µs per region timed inside the loop, between the forward and the backward of a plain step,
+    minus an empty ``perf_counter_ns`` pair there: caches are cold after the step's kernels."""
+    model, params, opt = trainer.model, trainer.params, trainer.opt
+    clock, probe, samples = time.perf_counter_ns, otel_ml.span("probe"), {False: [], True: []}
+    for i in range(steps):
+        x, y = trainer.data[i % len(trainer.data)]
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        region = i % 2 == 1
+        start = clock()
+        if region:
+            with probe:
+                pass
+        samples[region].append(clock() - start)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        trainer.step += 1
+        otel_ml.step_end(trainer.step)
+    return (statistics.median(samples[True]) - statistics.median(samples[False])) / 1e3
+
+
+def machine_facts() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), "?")
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} thread), "
+        f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
+        f"otel_ml {otel_ml.__version__}, opentelemetry-sdk {version('opentelemetry-sdk')}"
+    )
+
+
+def verdict(lo: float, hi: float) -> str:
+    return "PASS" if hi <= TARGET_PCT else "FAIL" if lo > TARGET_PCT else "UNRESOLVED"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--rounds", type=int, help="rounds of A + other blocks (default 80, quick 6)")
+    args = parser.parse_args()
+    rounds = args.rounds or (6 if args.quick else 80)
+    began = time.perf_counter()
+    torch.set_num_threads(1)
+    print(facts := machine_facts(), flush=True)
+    run_dir = tempfile.mkdtemp(prefix="bench-modules-")
+    telemetry = otel_ml.init(
+        service_name="bench-modules", prometheus_port=0, files="off", summary=False, run_dir=run_dir
+    )
+    assert telemetry.timekeeper is not None
+    agg = telemetry.timekeeper.aggregator
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(Discard()))
+    trainer = Trainer(provider.get_tracer("bench"))
+    gc.collect()
+    gc.freeze()
+    ms = calibrate(trainer)
+    shape = f"{trainer.batch} x {trainer.seq} tokens"
+    print(f"{shape}: {ms:.2f} ms/step; {rounds} rounds of blocks of {BLOCK} steps ...", flush=True)
+    out = ab(trainer, rounds)
+    export_us = export_cost(trainer, agg, 3 if args.quick else 10)
+    hooks_us = hook_cost(trainer, agg, 6 if args.quick else 30)
+    span_us = region_cost(agg, trainer)
+    cold_us = region_in_loop(trainer, 60 if args.quick else 400)
+    calls = module_calls(trainer)
+    ok = otel_ml.shutdown(timeout=5.0)
+    provider.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+    step_us = out["A"] * 1e3
+    regions_us, end_us, log_us = MANUAL * cold_us, out["step_end_us"], out["log_us"]
+    thread = {
+        "S": regions_us + end_us,
+        "D": hooks_us / EVERY + regions_us + end_us,
+        "B": hooks_us + regions_us + end_us,
+        "L": hooks_us / EVERY + regions_us + end_us + log_us,
+    }
+    direct = {v: (thread[v] + export_us[v]) / step_us * 100 for v in thread}
+    rows = [f"| Step, {LABELS[v]} | {out[v]:.3f} ms | |" for v in "A" + VARIANTS]
+    rows += [
+        f"| **A/B overhead {v}** (median of {rounds} rounds) | **{out[v + '%'][0]:+.2f} %** "
+        f"| 95% CI [{out[v + '%'][1]:+.2f}, {out[v + '%'][2]:+.2f}] % |"
+        for v in VARIANTS
+    ]
+    rows += [
+        f"| Timed directly: modules timed, per timed step ({calls} module calls, "
+        f"{hooks_us / calls:.1f} µs each, forward + backward) | {hooks_us:.0f} µs | |",
+        f"| Timed directly: a region in a `timeit` loop ({span_us:.2f} µs) and in the training loop "
+        f"({cold_us:.1f} µs, cold caches), `step_end()` ({end_us:.1f} µs) and `log()` ({log_us:.1f} µs) "
+        "in the training loop | | |",
+    ]
+    rows += [
+        f"| **Timed directly, {v}**: training thread {thread[v]:.0f} µs + export thread "
+        f"{export_us[v]:.0f} µs per step | **{direct[v]:.2f} %** of a step | |"
+        for v in "SDBL"
+    ]
+    print(f"\notel_ml shutdown ok: {ok}; runtime {time.perf_counter() - began:.1f} s")
+    print("\n### End-to-end cost in a training loop (`python benchmarks/bench_modules.py`)\n")
+    print(f"{facts}. LM {shape}, ~{STEP_MS:g} ms per step.\n")
+    print("| Measurement | Value | Interval |\n|---|---:|---:|\n" + "\n".join(rows))
+    d, b, full = out["D%"], out["B%"], out["L%"]
+    print(
+        f"\nTarget: `trace_modules(depth=all)` + {MANUAL} regions at most {TARGET_PCT:g}% of step time. "
+        f"Default sampling (D): A/B **{verdict(d[1], d[2])}** ({d[0]:+.2f} %), timed directly "
+        f"**{'PASS' if direct['D'] <= TARGET_PCT else 'FAIL'}** ({direct['D']:.2f} %). With `log()` (L): "
+        f"A/B {verdict(full[1], full[2])} ({full[0]:+.2f} %). Every module on every step (B): "
+        f"A/B {verdict(b[1], b[2])} ({b[0]:+.2f} %)."
+    )
+
+
+if __name__ == "__main__":
+    main()
