@@ -54,10 +54,10 @@ def _not_compiling() -> bool:
 
 
 def _compiling_check() -> Callable[[], bool]:
-    """The cheapest check that TorchDynamo folds to True while it traces (one plain function)."""
+    """``torch.compiler.is_compiling``: True under TorchDynamo and torch.export tracing alike."""
     torch = sys.modules.get("torch")
     compiler = getattr(torch, "compiler", None)
-    return getattr(compiler, "is_dynamo_compiling", None) or getattr(compiler, "is_compiling", _not_compiling)
+    return getattr(compiler, "is_compiling", _not_compiling)
 
 
 class Recorder:
