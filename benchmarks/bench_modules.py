@@ -34,10 +34,11 @@ The verdict is PASS or FAIL only when the interval is on one side of the 1% targ
 Timed directly, on the training thread (precise, not subject to step-time noise): the hook cost of
 a timed step (8-token forward + backward with and without modules timed, interleaved); a region
 in a ``timeit`` loop (hot caches) and inside the training loop, where the step's kernels have
-evicted the interpreter's caches (the 10 regions are charged at that cold cost, an upper bound:
-adjacent regions share warm caches); ``step_end()`` and ``log()`` timed inside the loop; the
-export thread's CPU time per step (``thread_time`` around its ``process()``; it holds the GIL, so
-it is counted, although torch kernels on the training thread run meanwhile).
+evicted the interpreter's caches, next to an empty ``with threading.Lock()`` there (a context
+manager written in C: the floor for any ``with`` block). The 10 regions are charged at that cold
+cost, an upper bound, as adjacent regions share warm caches. ``step_end()`` and ``log()`` are
+timed inside the loop, and the export thread's CPU time per step (``thread_time`` around its
+``process()``; it holds the GIL, so it is counted, although torch kernels run meanwhile).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import random
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import timeit
 import warnings
@@ -303,27 +305,34 @@ def region_cost(agg: Aggregator, trainer: Trainer) -> float:
     return statistics.median(samples)
 
 
-def region_in_loop(trainer: Trainer, steps: int) -> float:
-    """µs per region timed inside the loop, between the forward and the backward of a plain step,
-    minus an empty ``perf_counter_ns`` pair there: caches are cold after the step's kernels."""
+def in_loop(trainer: Trainer, steps: int) -> dict[str, float]:
+    """µs inside the loop, between the forward and the backward of a plain step, of a region and
+    of an empty ``with threading.Lock()`` (a context manager written in C: the floor of any
+    ``with`` there), each minus an empty ``perf_counter_ns`` pair: caches are cold after kernels."""
     model, params, opt = trainer.model, trainer.params, trainer.opt
-    clock, probe, samples = time.perf_counter_ns, otel_ml.span("probe"), {False: [], True: []}
+    clock, probe, lock = time.perf_counter_ns, otel_ml.span("probe"), threading.Lock()
+    samples: dict[str, list[int]] = {"pair": [], "region": [], "lock": []}
+    kinds = list(samples)
     for i in range(steps):
         x, y = trainer.data[i % len(trainer.data)]
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        region = i % 2 == 1
+        kind = kinds[i % len(kinds)]
         start = clock()
-        if region:
+        if kind == "region":
             with probe:
                 pass
-        samples[region].append(clock() - start)
+        elif kind == "lock":
+            with lock:
+                pass
+        samples[kind].append(clock() - start)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         trainer.step += 1
         otel_ml.step_end(trainer.step)
-    return (statistics.median(samples[True]) - statistics.median(samples[False])) / 1e3
+    floor = statistics.median(samples["pair"])
+    return {kind: (statistics.median(samples[kind]) - floor) / 1e3 for kind in ("region", "lock")}
 
 
 def machine_facts() -> str:
@@ -367,7 +376,8 @@ def main() -> None:
     export_us = export_cost(trainer, agg, 3 if args.quick else 10)
     hooks_us = hook_cost(trainer, agg, 6 if args.quick else 30)
     span_us = region_cost(agg, trainer)
-    cold_us = region_in_loop(trainer, 60 if args.quick else 400)
+    cold = in_loop(trainer, 90 if args.quick else 600)
+    cold_us = cold["region"]
     calls = module_calls(trainer)
     ok = otel_ml.shutdown(timeout=5.0)
     provider.shutdown()
@@ -392,8 +402,8 @@ def main() -> None:
         f"| Timed directly: modules timed, per timed step ({calls} module calls, "
         f"{hooks_us / calls:.1f} µs each, forward + backward) | {hooks_us:.0f} µs | |",
         f"| Timed directly: a region in a `timeit` loop ({span_us:.2f} µs) and in the training loop "
-        f"({cold_us:.1f} µs, cold caches), `step_end()` ({end_us:.1f} µs) and `log()` ({log_us:.1f} µs) "
-        "in the training loop | | |",
+        f"({cold_us:.1f} µs, cold caches; an empty `with threading.Lock()` there: {cold['lock']:.1f} µs), "
+        f"`step_end()` ({end_us:.1f} µs) and `log()` ({log_us:.1f} µs) in the training loop | | |",
     ]
     rows += [
         f"| **Timed directly, {v}**: training thread {thread[v]:.0f} µs + export thread "
