@@ -41,8 +41,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -54,12 +52,11 @@ import timeit
 import urllib.request
 import warnings
 from collections.abc import Callable
-from importlib.metadata import version
-from pathlib import Path
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
+from _common import machine_facts  # noqa: E402
 from opentelemetry.sdk.metrics import MeterProvider  # noqa: E402
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 from prometheus_client import CollectorRegistry, Gauge  # noqa: E402
@@ -226,20 +223,6 @@ def end_to_end(trainer: Trainer, pairs: int, steps: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- main
-def machine_facts() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next(
-        (ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), platform.machine()
-    )
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} thread), "
-        f"{os.cpu_count()} CPUs ({usable} usable, {cpu}), {platform.system()} {platform.release()}, "
-        f"otel_ml {otel_ml.__version__}, opentelemetry-sdk {version('opentelemetry-sdk')}, "
-        f"prometheus_client {version('prometheus_client')}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="short run for CI smoke tests")
@@ -254,7 +237,7 @@ def main() -> None:
     pairs, steps = args.pairs or (4 if args.quick else 30), args.steps or (25 if args.quick else 50)
     began = time.perf_counter()
     torch.set_num_threads(1)
-    facts = machine_facts()
+    facts = machine_facts("prometheus_client")
     print(facts, flush=True)
 
     run_dir = tempfile.mkdtemp(prefix="bench-log-")

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import random
 import shutil
 import statistics
@@ -56,16 +54,14 @@ import time
 import timeit
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
-from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
+from _common import Discard, machine_facts  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 from torch import nn  # noqa: E402
 
 import otel_ml  # noqa: E402
@@ -81,11 +77,6 @@ LABELS = {
     "C": "C: naive OTel spans per module (forward hooks, forward only)",
 }
 VARIANTS = "SDBLC"
-
-
-class Discard(SpanExporter):
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
 
 
 def naive_otel_hooks(model: nn.Module, tracer: Any) -> list[Any]:
@@ -333,16 +324,6 @@ def in_loop(trainer: Trainer, steps: int) -> dict[str, float]:
         otel_ml.step_end(trainer.step)
     floor = statistics.median(samples["pair"])
     return {kind: (statistics.median(samples[kind]) - floor) / 1e3 for kind in ("region", "lock")}
-
-
-def machine_facts() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), "?")
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} thread), "
-        f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
-        f"otel_ml {otel_ml.__version__}, opentelemetry-sdk {version('opentelemetry-sdk')}"
-    )
 
 
 def verdict(lo: float, hi: float) -> str:

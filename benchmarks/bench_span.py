@@ -29,23 +29,20 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 import timeit
 import warnings
-from collections.abc import Callable, Sequence
-from importlib.metadata import version
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch  # noqa: E402
+from _common import Discard, machine_facts  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: E402
+from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 
 import otel_ml  # noqa: E402
 from otel_ml.regions import Aggregator  # noqa: E402
@@ -59,11 +56,6 @@ OTEL = 'OTel SDK `with tracer.start_as_current_span("x")`'
 NESTED = '`otel_ml.span` nested pair ("forward" > "encoder"), per region'
 RECORD = '`with torch.profiler.record_function("x")`, no profiler'
 VERDICT = ("FAIL", "PASS")
-
-
-class Discard(SpanExporter):
-    def export(self, spans: Sequence[Any]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
 
 
 def p99(samples: list[float]) -> float:
@@ -117,16 +109,6 @@ def microbench(
 
 
 # ---------------------------------------------------------------------------- main
-def machine_facts() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = next((ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), "?")
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} thread), "
-        f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
-        f"otel_ml {otel_ml.__version__}, opentelemetry-sdk {version('opentelemetry-sdk')}"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="short run for CI smoke tests")

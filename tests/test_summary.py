@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 import otel_ml
 from otel_ml import timing
@@ -32,15 +33,21 @@ def test_reservoir_keeps_a_bounded_sample_but_exact_moments():
 
 
 @pytest.fixture
-def timed_run():
+def clocked():
+    """(fake clock, installed recorder on it, aggregator without tracing); uninstalled after."""
     clock = Clock()
     recorder = timing.Recorder(PathTree(), clock=clock)
-    from opentelemetry.sdk.trace import TracerProvider
-
     agg = Aggregator(
         recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
     )
     timing.install(recorder)
+    yield clock, recorder, agg
+    timing.install(None)
+
+
+@pytest.fixture
+def timed_run(clocked):
+    clock, recorder, agg = clocked
     # four steps of 10 ms: forward 6 ms (encoder 1, 2, 3, 4 ms), backward 3 ms, 1 ms untimed
     for step, encoder_ms in enumerate([1, 2, 3, 4]):
         with otel_ml.span("forward"):
@@ -52,8 +59,7 @@ def timed_run():
         clock.advance(1)
         recorder.step_end(step)
     agg.process()
-    yield agg
-    timing.install(None)
+    return agg
 
 
 def test_summary_numbers_match_the_fake_clock_exactly(timed_run):
@@ -111,53 +117,33 @@ def test_live_table_shows_bars_milliseconds_and_percent():
     assert "60.0%" in lines[1] and "30.0%" in lines[2]
 
 
-def test_a_path_timed_on_some_steps_only_is_shared_against_those_steps():
-    from opentelemetry.sdk.trace import TracerProvider
-
-    clock = Clock()
-    recorder = timing.Recorder(PathTree(), clock=clock)
-    agg = Aggregator(
-        recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
-    )
-    timing.install(recorder)
-    try:
-        module = timing.Region("module", sampled=True)  # as trace_modules(every=2) makes it
-        for step in range(4):  # 10 ms steps; "module" (2 ms) is timed on steps 0 and 2 only
-            if step % 2 == 0:
-                with module:
-                    clock.advance(2)
-                clock.advance(8)
-            else:
-                clock.advance(10)
-            recorder.step_end(step)
-        agg.process()
-    finally:
-        timing.install(None)
+def test_a_path_timed_on_some_steps_only_is_shared_against_those_steps(clocked):
+    clock, recorder, agg = clocked
+    module = timing.Region("module", sampled=True)  # as trace_modules(every=2) makes it
+    for step in range(4):  # 10 ms steps; "module" (2 ms) is timed on steps 0 and 2 only
+        if step % 2 == 0:
+            with module:
+                clock.advance(2)
+            clock.advance(8)
+        else:
+            clock.advance(10)
+        recorder.step_end(step)
+    agg.process()
     (row,) = agg.summary_rows()
     assert row.count == 2 and row.share_pct == pytest.approx(20.0)  # not 10%: it ran in half the steps
 
 
-def test_a_phase_in_one_long_window_is_shared_against_all_step_time():
-    from opentelemetry.sdk.trace import TracerProvider
-
-    clock = Clock()
-    recorder = timing.Recorder(PathTree(), clock=clock)
-    agg = Aggregator(
-        recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
-    )
-    timing.install(recorder)
-    try:
-        for step in range(3):  # three 10 ms training steps
-            with otel_ml.span("train"):
-                clock.advance(10)
-            recorder.step_end(step)
-        for _ in range(8):  # then an evaluation of 8 x 5 ms batches, no step boundary: 50 ms in all
-            with otel_ml.span("eval/batch"):
-                clock.advance(5)
-        clock.advance(10)
-        agg.close_last_window()
-    finally:
-        timing.install(None)
+def test_a_phase_in_one_long_window_is_shared_against_all_step_time(clocked):
+    clock, recorder, agg = clocked
+    for step in range(3):  # three 10 ms training steps
+        with otel_ml.span("train"):
+            clock.advance(10)
+        recorder.step_end(step)
+    for _ in range(8):  # then an evaluation of 8 x 5 ms batches, no step boundary: 50 ms in all
+        with otel_ml.span("eval/batch"):
+            clock.advance(5)
+    clock.advance(10)
+    agg.close_last_window()
     rows = {r.path: r for r in agg.summary_rows()}
     assert rows["eval/batch"].count == 8
     # Not sampled: shares of all 80 ms of step time, whichever windows they ran in.

@@ -1,0 +1,44 @@
+"""Pieces every benchmark shares: the machine facts line printed above each table, and an OTel
+span exporter that discards (to measure span creation without any export cost).
+
+The benchmarks run as scripts (``python benchmarks/bench_x.py``), so this imports as ``_common``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+
+class Discard(SpanExporter):
+    """Accepts every batch and drops it."""
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def machine_facts(*packages: str) -> str:
+    """Python, torch (and its thread count), CPUs, kernel, otel_ml, the OTel SDK and ``packages``."""
+    import otel_ml
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next(
+        (ln.split(":")[1].strip() for ln in info.splitlines() if "model name" in ln), platform.machine()
+    )
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch = sys.modules.get("torch")
+    threads = f" ({torch.get_num_threads()} thread)" if torch is not None else ""
+    torch_facts = f", torch {torch.__version__}{threads}" if torch is not None else ""
+    extra = "".join(f", {name} {version(name)}" for name in packages)
+    return (
+        f"Python {platform.python_version()}{torch_facts}, {os.cpu_count()} CPUs ({usable} usable, {cpu}), "
+        f"{platform.system()} {platform.release()}, otel_ml {otel_ml.__version__}, "
+        f"opentelemetry-sdk {version('opentelemetry-sdk')}{extra}"
+    )
