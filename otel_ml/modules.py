@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import types
 import weakref
@@ -256,8 +255,10 @@ class _TracedModule:
             return None
         parent = None
         if self.parent is not None:
-            with contextlib.suppress(IndexError):  # closed meanwhile on another thread
+            try:  # noqa: SIM105 - try costs nothing here; suppress() would cost a call per hook
                 parent = self.parent.open_entries[-1]
+            except IndexError:  # none open, or closed meanwhile on another thread
+                pass
         if parent is None:
             # The outermost module: nest under the caller's open region when backward runs on
             # the calling thread (CPU autograd), e.g. otel_ml.span("backward") around it.
@@ -278,8 +279,10 @@ class _TracedModule:
         entry[END] = rec.clock()
         if rec.events is not None and entry[EV_START] is not None:
             entry[EV_END] = rec.events.record()
-        with contextlib.suppress(ValueError):  # dropped at the step boundary meanwhile
+        try:  # noqa: SIM105 - as above
             self.open_entries.remove(entry)
+        except ValueError:  # dropped at the step boundary meanwhile
+            pass
         rec.finish(entry)
 
 
