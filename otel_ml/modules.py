@@ -125,10 +125,18 @@ class _NodeHooks:
         self.stops: list[_Backward] = []
 
     def __call__(self, *_: Any) -> None:
-        for backward in self.stops:
-            backward.stop()
-        for backward in self.starts:
-            backward.start()
+        try:
+            for backward in self.stops:
+                backward.stop()
+            for backward in self.starts:
+                backward.start()
+        except Exception as exc:  # noqa: BLE001 - raising here would abort the user's backward()
+            _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> None:
+    """A failure inside module timing: logged once, never raised into forward or backward."""
+    warn_once("modules-internal", "otel_ml: module timing failed (%r); training continues", exc)
 
 
 def _timed_forward(traced: _TracedModule) -> Callable[..., Any]:
@@ -150,7 +158,10 @@ def _timed_forward(traced: _TracedModule) -> Callable[..., Any]:
             raise
         region.__exit__(None, None, None)
         if traced.tracer.backward and rec.enabled:
-            traced.hook_backward(args, kwargs, output)
+            try:
+                traced.hook_backward(args, kwargs, output)
+            except Exception as exc:  # noqa: BLE001 - the forward already ran: never fail it
+                _internal_error(exc)
         return output
 
     return forward

@@ -305,3 +305,20 @@ def test_hooks_do_nothing_before_init():
     out.sum().backward()
     assert timing.current_path() is None
     tracer.remove()
+
+
+def test_a_failure_inside_module_timing_never_reaches_forward_or_backward(aggregator, monkeypatch, caplog):
+    net = Net()
+    tracer = otel_ml.trace_modules(net, depth=1, every=1)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("internal")
+
+    monkeypatch.setattr(modules._TracedModule, "hook_backward", broken)
+    losses = _train(net, 2, aggregator.recorder)  # forward and backward run as usual
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    monkeypatch.undo()
+    monkeypatch.setattr(modules._Backward, "start", broken)  # now fail inside autograd hooks
+    assert len(_train(net, 2, aggregator.recorder)) == 2
+    assert caplog.text.count("module timing failed") == 1  # logged once
+    tracer.remove()
