@@ -169,7 +169,8 @@ EXPORT_ERRORS = MetricSpec(
     "otel_ml_export_errors",
     "{error}",
     "counter",
-    "Failures per exporter (otlp, files), of metric collection (collect) and of background jobs (jobs).",
+    "Failures per exporter (otlp, files), of metric collection (collect), of background jobs (jobs) "
+    "and inside timing hooks (timing; swallowed to protect the loop).",
     "exporter threads",
     (LABEL_EXPORTER,),
 )

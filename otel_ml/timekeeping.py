@@ -58,6 +58,7 @@ class Timekeeper:
             PathTree(cfg.max_span_paths),
             events=cuda_events_if_active("off" if cfg.cuda_timing == "auto" else cfg.cuda_timing),
             on_drop=lambda n: health.dropped("spans", n),
+            on_error=lambda: health.error("timing"),
         )
         self.recorder.on_boundary.append(modules.step_boundary)
         self.aggregator = Aggregator(

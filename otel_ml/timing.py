@@ -79,6 +79,7 @@ class Recorder:
         clock: Callable[[], int] = time.perf_counter_ns,
         events: Any | None = None,
         on_drop: Callable[[int], None] | None = None,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         self.tree = tree or PathTree()
         self.clock = clock
@@ -91,6 +92,8 @@ class Recorder:
         #: Called on the training thread at every step boundary (module sampling); keep them cheap.
         self.on_boundary: list[Callable[[], None]] = []
         self._on_drop = on_drop
+        #: Counts a failure inside timing that was swallowed to protect the training loop.
+        self.on_error = on_error
         self._lock = threading.Lock()
         self.started_ns = clock()
 

@@ -310,6 +310,8 @@ def test_hooks_do_nothing_before_init():
 def test_a_failure_inside_module_timing_never_reaches_forward_or_backward(aggregator, monkeypatch, caplog):
     net = Net()
     tracer = otel_ml.trace_modules(net, depth=1, every=1)
+    errors: list[int] = []
+    aggregator.recorder.on_error = lambda: errors.append(1)
 
     def broken(*_: object) -> None:
         raise RuntimeError("internal")
@@ -317,8 +319,10 @@ def test_a_failure_inside_module_timing_never_reaches_forward_or_backward(aggreg
     monkeypatch.setattr(modules._TracedModule, "hook_backward", broken)
     losses = _train(net, 2, aggregator.recorder)  # forward and backward run as usual
     assert len(losses) == 2 and all(loss == loss for loss in losses)
+    assert len(errors) == 10  # counted once per timed module call: 5 modules x 2 steps
     monkeypatch.undo()
     monkeypatch.setattr(modules._Backward, "start", broken)  # now fail inside autograd hooks
     assert len(_train(net, 2, aggregator.recorder)) == 2
     assert caplog.text.count("module timing failed") == 1  # logged once
+    assert len(errors) > 10  # and once per failing node hook in backward
     tracer.remove()
