@@ -58,16 +58,7 @@ class LabeledHistograms:
         self.start_ns = time.time_ns()
 
     def observe(self, key: tuple[str, ...], value: float) -> None:
-        with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = _Series(len(self.bounds) + 1)
-            series.counts[bisect_left(self.bounds, value)] += 1
-            series.sum += value
-            if value < series.min:
-                series.min = value
-            if value > series.max:
-                series.max = value
+        self.observe_many(((key, value),))
 
     def observe_many(self, observations: Iterable[tuple[tuple[str, ...], float]]) -> None:
         """``observe`` for each ``(key, value)``, under one lock acquisition."""
