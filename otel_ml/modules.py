@@ -57,7 +57,7 @@ def _nodes(value: Any, tensor: type, limit: int = 8) -> tuple[Any, ...]:
             node = _node_of(item)
             if node is not None and node not in nodes:
                 nodes.append(node)
-        elif item.__class__ is tuple or item.__class__ is list or isinstance(item, (tuple, list)):
+        elif isinstance(item, (tuple, list)):
             stack.extend(reversed(item))
         elif isinstance(item, dict):
             stack.extend(item.values())
