@@ -150,8 +150,13 @@ def _timed_forward(traced: _TracedModule) -> Callable[..., Any]:
         inner = traced.inner
         if inner is None or traced.ref() is not module:  # a deepcopy made while timed carries this
             inner = type(module).forward.__get__(module)
-        rec = timing._recorder
-        if traced.live is not module or rec is None or rec.is_compiling():
+        rec = timing._live
+        if (
+            traced.live is not module
+            or rec is None
+            or timing._dynamo_compiling()
+            or timing._compile_state._is_compiling_flag
+        ):
             return inner(*args, **kwargs)  # untimed: a copy, a removed tracer, torch.compile tracing
         region.__enter__()
         try:
@@ -160,7 +165,7 @@ def _timed_forward(traced: _TracedModule) -> Callable[..., Any]:
             region.__exit__(exc.__class__, exc, exc.__traceback__)
             raise
         region.__exit__(None, None, None)
-        if traced.tracer.backward and rec.enabled:
+        if traced.tracer.backward:
             try:
                 traced.hook_backward(args, kwargs, output)
             except Exception as exc:  # noqa: BLE001 - the forward already ran: never fail it
@@ -264,8 +269,8 @@ class _TracedModule:
         return node
 
     def open_backward(self) -> list | None:
-        rec = timing._recorder
-        if rec is None or not rec.enabled:
+        rec = timing._live
+        if rec is None:
             return None
         parent = None
         if self.parent is not None:
@@ -421,8 +426,9 @@ def trace_modules(
 
 def step_boundary() -> None:
     """Tell every module tracer a step ended (on the training thread, from log()/step_end())."""
-    for tracer in tuple(_tracers):
-        tracer.on_step()
+    if _tracers:  # no set copy on every step of a run that traces no modules
+        for tracer in tuple(_tracers):
+            tracer.on_step()
 
 
 def release_nodes() -> None:

@@ -76,12 +76,15 @@ class Timekeeper:
             self.aggregator.on_window.append(
                 TimingTable(self.aggregator, self.console, cfg.timing_table_every, cfg.timing_table_top)
             )
+        self._dynamo_allowed = False
         timing.install(self.recorder)
 
     def tick(self) -> None:
         """Pump job: turn on CUDA timing once CUDA is up (auto mode), then aggregate."""
         if self.recorder.events is None and self._cfg.cuda_timing == "auto":
             self.recorder.events = cuda_events_if_active("auto")
+        if not self._dynamo_allowed:  # torch.compile may import TorchDynamo at any time
+            self._dynamo_allowed = timing.allow_under_dynamo()
         modules.release_nodes()
         self.aggregator.process()
 

@@ -10,6 +10,11 @@ Nesting uses a :class:`contextvars.ContextVar`, so each thread and each asyncio 
 stack. When CUDA timing is on, each region also records two CUDA events; they are resolved later
 with ``event.query()`` off the training thread, never with ``synchronize()``.
 
+Under ``torch.compile`` regions do nothing and break no graph (``fullgraph=True`` works), when
+written ``with otel_ml.span(name):`` or as a decorator inside the compiled code. A region object
+kept from eager code (``fwd = otel_ml.span("forward")``) and entered inside compiled code is a
+context manager TorchDynamo cannot trace: a graph break there.
+
 Example::
 
     with otel_ml.span("forward"):
@@ -49,15 +54,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_FINISHED = 1 << 18
 
 
-def _not_compiling() -> bool:
-    return False
+class _NeverCompiling:
+    _is_compiling_flag = False
 
 
-def _compiling_check() -> Callable[[], bool]:
-    """``torch.compiler.is_compiling``: True under TorchDynamo and torch.export tracing alike."""
-    torch = sys.modules.get("torch")
-    compiler = getattr(torch, "compiler", None)
-    return getattr(compiler, "is_compiling", _not_compiling)
+def _fast_compiling_check() -> tuple[Callable[[], bool], Any]:
+    """The compile check of the region hot path, as (call, holder of ``_is_compiling_flag``).
+
+    ``torch.compiler.is_compiling()`` costs two Python calls per region. Its parts do the same
+    with one: TorchDynamo folds ``is_dynamo_compiling()`` to True while tracing, and torch sets
+    ``torch.compiler._is_compiling_flag`` for a whole compile or export session (its value is
+    what ``is_compiling()`` returns in eager code). Other torch versions get ``is_compiling``.
+    """
+    compiler = getattr(sys.modules.get("torch"), "compiler", None)
+    dynamo = getattr(compiler, "is_dynamo_compiling", None)
+    if dynamo is not None and isinstance(getattr(compiler, "_is_compiling_flag", None), bool):
+        return dynamo, compiler
+    # ``bool()`` is False: a call written in C, for when torch is not imported at all.
+    return getattr(compiler, "is_compiling", bool), _NeverCompiling
 
 
 class Recorder:
@@ -84,11 +98,10 @@ class Recorder:
         self.tree = tree or PathTree()
         self.clock = clock
         self.events = events
-        self.enabled = True
+        self._enabled = True
         self.explicit_steps = False
         self.finished: deque[list] = deque()
         self.boundaries: deque[tuple[int | None, int, Mapping[str, Any] | None]] = deque()
-        self.is_compiling = _compiling_check()
         #: Called on the training thread at every step boundary (module sampling); keep them cheap.
         self.on_boundary: list[Callable[[], None]] = []
         self._on_drop = on_drop
@@ -96,6 +109,17 @@ class Recorder:
         self.on_error = on_error
         self._lock = threading.Lock()
         self.started_ns = clock()
+
+    @property
+    def enabled(self) -> bool:
+        """False turns every region into a no-op (the recorder stays installed)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        if _recorder is self:
+            install(self)
 
     def finish(self, entry: list) -> None:
         finished = self.finished
@@ -121,16 +145,27 @@ class Recorder:
 
 
 _recorder: Recorder | None = None
-
-
+# The hot path reads module globals, not recorder attributes: with the step's kernels between two
+# regions every attribute lookup is a cache miss (see benchmarks/bench_modules.py). install() sets
+# them: the recorder when it is installed and enabled, its tree's root, its queue, its clock.
+_live: Recorder | None = None
+_root: PathNode | None = None
+_finished: deque[list] = deque(maxlen=0)
 _clock: Callable[[], int] = time.perf_counter_ns
+_dynamo_compiling, _compile_state = _fast_compiling_check()
 
 
 def install(recorder: Recorder | None) -> None:
     """Make ``recorder`` the process-wide one (``None`` turns every region into a no-op)."""
-    global _recorder, _clock
-    _clock = recorder.clock if recorder is not None else time.perf_counter_ns
+    global _recorder, _live, _root, _finished, _clock, _dynamo_compiling, _compile_state
     _recorder = recorder
+    if recorder is None:
+        _live, _root, _finished, _clock = None, None, deque(maxlen=0), time.perf_counter_ns
+        return
+    _dynamo_compiling, _compile_state = _fast_compiling_check()
+    allow_under_dynamo()
+    _root, _finished, _clock = recorder.tree.root, recorder.finished, recorder.clock
+    _live = recorder if recorder.enabled else None
 
 
 class Region:
@@ -156,13 +191,13 @@ class Region:
         self.sampled = sampled
 
     def __enter__(self) -> Region:
-        rec = _recorder
-        if rec is None or not rec.enabled or rec.is_compiling():
+        rec = _live
+        if rec is None or _dynamo_compiling() or _compile_state._is_compiling_flag:
             return self
         parent = _get()
         while parent is not None and parent[2] is not None:  # skip regions closed out of order
             parent = parent[3]
-        parent_node = parent[0] if parent is not None else rec.tree.root
+        parent_node = _root if parent is None else parent[0]
         cache = self._cache  # one read: another thread may replace it at any time
         if cache[0] is parent_node:
             node = cache[1]
@@ -177,11 +212,12 @@ class Region:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if _dynamo_compiling():  # TorchDynamo cannot trace the context variable
+            return False
         entry = _get()
         if entry is None:
             return False
         end = _clock()
-        rec = _recorder
         if entry[6] is self and entry[2] is None:
             entry[2] = end
             try:
@@ -199,14 +235,15 @@ class Region:
         entry[4] = None
         if exc_type is not None:
             entry[5] = exc_type
-        if rec is not None:
-            if rec.events is not None and entry[7] is not None:
+        if entry[7] is not None:  # a CUDA event marks the start: one marks the end
+            rec = _recorder
+            if rec is not None and rec.events is not None:
                 entry[8] = rec.events.record()
-            finished = rec.finished
-            if len(finished) < MAX_FINISHED:
-                finished.append(entry)
-            else:
-                rec.finish(entry)  # counts the drop
+        finished = _finished
+        if len(finished) < MAX_FINISHED:
+            finished.append(entry)
+        elif _recorder is not None:
+            _recorder.finish(entry)  # counts the drop
         return False
 
     async def __aenter__(self) -> Region:
@@ -228,6 +265,8 @@ class Region:
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if _dynamo_compiling():  # TorchDynamo cannot enter a region made outside its trace
+                return func(*args, **kwargs)
             with self:
                 return func(*args, **kwargs)
 
@@ -237,26 +276,36 @@ class Region:
         return f"otel_ml.span({self.name!r})"
 
 
-_regions: dict[str, Region] = {}
-
-
+@functools.lru_cache(maxsize=10_000)  # names built from data: keep the cache bounded
 def span(name: str) -> Region:
     """The region called ``name`` (``/`` separates path levels): use with ``with`` or as a decorator.
 
     Regions nest: ``span("forward")`` around ``span("encoder")`` records ``forward/encoder``.
-    Before ``init()``, when disabled, and under ``torch.compile`` tracing it does nothing.
+    Before ``init()``, when disabled, and under ``torch.compile`` tracing it does nothing (and
+    breaks no graph: TorchDynamo bypasses the cache and sees a region it can trace).
+    A name seen before costs a cache lookup written in C, not a Python call: between a
+    training step's kernels that difference is microseconds (``benchmarks/bench_modules.py``).
 
     Example::
 
         with otel_ml.span("前向传播总耗时"):
             loss = model(batch)
     """
-    region = _regions.get(name)
-    if region is None:
-        if len(_regions) > 10_000:  # names built from data: keep the cache bounded
-            _regions.clear()
-        region = _regions[name] = Region(name)
-    return region
+    return Region(name)
+
+
+def allow_under_dynamo() -> bool:
+    """Tell TorchDynamo (once it is imported) that tracing through ``span``'s cache is intended,
+    which silences its warning about ``lru_cache``; True once done. Never imports torch."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    allow = getattr(utils, "allow_lru_cache_wrapper_trace_without_warning", None)
+    if allow is None:
+        return False
+    try:
+        allow(span)
+    except Exception:  # noqa: BLE001 - a private helper of torch: its absence costs a warning only
+        return False
+    return True
 
 
 def step_end(step: int | None = None) -> None:
@@ -271,8 +320,8 @@ def step_end(step: int | None = None) -> None:
             with otel_ml.span("forward"): ...
             otel_ml.step_end()
     """
-    rec = _recorder
-    if rec is not None and rec.enabled:
+    rec = _live
+    if rec is not None:
         rec.step_end(step)
 
 

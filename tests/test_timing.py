@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
+from types import SimpleNamespace
 
 import pytest
+import torch
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -196,10 +199,12 @@ def test_regions_are_no_ops_when_disabled_compiling_or_not_installed(env):
     with otel_ml.span("off"):
         pass
     recorder.enabled = True
-    recorder.is_compiling = lambda: True
-    with otel_ml.span("compiling"):
-        pass
-    recorder.is_compiling = lambda: False
+    timing._compile_state = SimpleNamespace(_is_compiling_flag=True)  # a compile/export session
+    try:
+        with otel_ml.span("compiling"):
+            pass
+    finally:
+        timing._compile_state = torch.compiler
     timing.install(None)
     with otel_ml.span("before-init"):
         pass
@@ -325,4 +330,34 @@ def test_path_cap_sends_new_paths_to_overflow_with_one_warning(env, caplog):
 def test_span_cache_is_bounded():
     for i in range(10_050):
         otel_ml.span(f"sample-{i}")
-    assert len(timing._regions) <= 10_001
+    assert otel_ml.span.cache_info().currsize <= 10_000
+    assert otel_ml.span("sample-10049") is otel_ml.span("sample-10049")
+
+
+def test_regions_inside_torch_compile_break_no_graph_and_record_nothing(env):
+    _, aggregator, _, _ = env
+    made_before = otel_ml.span("made-before")
+
+    @otel_ml.span("decorated")
+    def double(x):
+        return x * 2
+
+    def fn(x):
+        with otel_ml.span("made-before"), otel_ml.span("made-inside"):
+            y = double(x)
+        return y + 1
+
+    with made_before:
+        pass
+    import torch._dynamo  # what torch.compile imports; the pump tick then does this:
+
+    assert timing.allow_under_dynamo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about tracing through span's cache either
+        compiled = torch.compile(fn, backend="eager", fullgraph=True)  # raises on a graph break
+        assert compiled(torch.ones(2)).tolist() == [3.0, 3.0]
+        assert compiled(torch.ones(2)).tolist() == [3.0, 3.0]
+    with otel_ml.span("eager"):
+        assert double(torch.ones(1)).tolist() == [2.0]
+    aggregator.process()
+    assert sorted(n.path for n in aggregator.stats) == ["eager", "eager/decorated", "made-before"]
