@@ -34,8 +34,8 @@ The verdict is PASS or FAIL only when the interval is on one side of the 1% targ
 Timed directly, on the training thread (precise, not subject to step-time noise): the hook cost of
 a timed step (8-token forward + backward with and without modules timed, interleaved); a region
 in a ``timeit`` loop (hot caches) and inside the training loop, where the step's kernels have
-evicted the interpreter's caches, next to an empty ``with threading.Lock()`` there (a context
-manager written in C: the floor for any ``with`` block). The 10 regions are charged at that cold
+evicted the interpreter's caches, next to an empty context manager written in Python and an
+empty ``with threading.Lock()`` (one written in C) there. The 10 regions are charged at that cold
 cost, an upper bound, as adjacent regions share warm caches. ``step_end()`` and ``log()`` are
 timed inside the loop, and the export thread's CPU time per step (``thread_time`` around its
 ``process()``; it holds the GIL, so it is counted, although torch kernels run meanwhile).
@@ -296,13 +296,24 @@ def region_cost(agg: Aggregator, trainer: Trainer) -> float:
     return statistics.median(samples)
 
 
+class Empty:
+    """A context manager that does nothing: the floor of any region written in Python."""
+
+    def __enter__(self) -> Empty:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
 def in_loop(trainer: Trainer, steps: int) -> dict[str, float]:
-    """µs inside the loop, between the forward and the backward of a plain step, of a region and
-    of an empty ``with threading.Lock()`` (a context manager written in C: the floor of any
-    ``with`` there), each minus an empty ``perf_counter_ns`` pair: caches are cold after kernels."""
+    """µs inside the loop, between the forward and the backward of a plain step, of a region
+    (``with otel_ml.span("probe")``), of an empty Python context manager (the floor of any
+    region written in Python) and of an empty ``with threading.Lock()`` (one written in C),
+    each minus an empty ``perf_counter_ns`` pair: caches are cold after the kernels."""
     model, params, opt = trainer.model, trainer.params, trainer.opt
-    clock, probe, lock = time.perf_counter_ns, otel_ml.span("probe"), threading.Lock()
-    samples: dict[str, list[int]] = {"pair": [], "region": [], "lock": []}
+    clock, span, empty, lock = time.perf_counter_ns, otel_ml.span, Empty(), threading.Lock()
+    samples: dict[str, list[int]] = {"pair": [], "region": [], "empty": [], "lock": []}
     kinds = list(samples)
     for i in range(steps):
         x, y = trainer.data[i % len(trainer.data)]
@@ -310,7 +321,10 @@ def in_loop(trainer: Trainer, steps: int) -> dict[str, float]:
         kind = kinds[i % len(kinds)]
         start = clock()
         if kind == "region":
-            with probe:
+            with span("probe"):
+                pass
+        elif kind == "empty":
+            with empty:
                 pass
         elif kind == "lock":
             with lock:
@@ -323,7 +337,7 @@ def in_loop(trainer: Trainer, steps: int) -> dict[str, float]:
         trainer.step += 1
         otel_ml.step_end(trainer.step)
     floor = statistics.median(samples["pair"])
-    return {kind: (statistics.median(samples[kind]) - floor) / 1e3 for kind in ("region", "lock")}
+    return {kind: (statistics.median(samples[kind]) - floor) / 1e3 for kind in kinds[1:]}
 
 
 def verdict(lo: float, hi: float) -> str:
@@ -383,7 +397,8 @@ def main() -> None:
         f"| Timed directly: modules timed, per timed step ({calls} module calls, "
         f"{hooks_us / calls:.1f} µs each, forward + backward) | {hooks_us:.0f} µs | |",
         f"| Timed directly: a region in a `timeit` loop ({span_us:.2f} µs) and in the training loop "
-        f"({cold_us:.1f} µs, cold caches; an empty `with threading.Lock()` there: {cold['lock']:.1f} µs), "
+        f"({cold_us:.1f} µs, cold caches; there an empty Python context manager takes "
+        f"{cold['empty']:.1f} µs and an empty `with threading.Lock()` {cold['lock']:.1f} µs), "
         f"`step_end()` ({end_us:.1f} µs) and `log()` ({log_us:.1f} µs) in the training loop | | |",
     ]
     rows += [

@@ -191,8 +191,10 @@ class Region:
         self.sampled = sampled
 
     def __enter__(self) -> Region:
+        if _dynamo_compiling():  # first: TorchDynamo then reads (and guards on) nothing of ours
+            return self
         rec = _live
-        if rec is None or _dynamo_compiling() or _compile_state._is_compiling_flag:
+        if rec is None or _compile_state._is_compiling_flag:
             return self
         parent = _get()
         while parent is not None and parent[2] is not None:  # skip regions closed out of order
