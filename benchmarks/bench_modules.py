@@ -14,7 +14,8 @@ Variants:
 
 * A: the plain loop.
 * S: the step split into 10 ``otel_ml.span`` regions, closed by ``otel_ml.step_end()``.
-* D: S + ``trace_modules(model, depth=None)`` with its default sampling (every 20th step timed):
+* D: S + ``trace_modules(model, depth=None)`` with its default sampling (the tracing interval,
+  every 100th step timed):
   what the issue's target is about.
 * B: S + ``trace_modules(model, depth=None, every=1)``: every module, every step.
 * L: D + ``otel_ml.log(step, loss=...)`` before ``step_end()``: the whole training telemetry.
@@ -24,7 +25,7 @@ Variants:
   per module (flat, forward only, so a lower bound for per-module spans).
 
 A block is one unmeasured step (it absorbs the switch between variants: cold caches, a step
-window that spans the previous blocks) and 20 measured steps, one sampling period of
+window that spans the previous blocks) and 100 measured steps, one sampling period of
 ``trace_modules``' default, so a D block holds exactly one timed step. Schedule: ``A X A Y A ...``
 with the order of the other variants shuffled in each round; each non-A block is compared with
 the mean of the A blocks on both sides, which cancels linear drift. Overhead: median over rounds
@@ -67,11 +68,11 @@ from torch import nn  # noqa: E402
 import otel_ml  # noqa: E402
 from otel_ml.regions import Aggregator  # noqa: E402
 
-VOCAB, MANUAL, BLOCK, STEP_MS, TARGET_PCT, EVERY = 1000, 10, 20, 10.0, 1.0, 20
+VOCAB, MANUAL, BLOCK, STEP_MS, TARGET_PCT, EVERY = 1000, 10, 100, 10.0, 1.0, 100
 LABELS = {
     "A": "A: plain loop",
     "S": "S: 10 `otel_ml.span` regions + `step_end()`",
-    "D": "D: S + `trace_modules(model, depth=None)` (default: every 20th step)",
+    "D": "D: S + `trace_modules(model, depth=None)` (default: every 100th step)",
     "B": "B: S + `trace_modules(model, depth=None, every=1)`",
     "L": "L: D + `log(step, loss=...)`",
     "C": "C: naive OTel spans per module (forward hooks, forward only)",
@@ -124,8 +125,9 @@ class Trainer:
             handle.remove()
         self.handles = []
         if variant in "DBL":
-            every = 1 if variant == "B" else EVERY
+            every = 1 if variant == "B" else None  # D, L: the default, the tracing interval
             self.handles = [otel_ml.trace_modules(self.model, depth=None, every=every)]
+            assert self.handles[0].every == (1 if variant == "B" else EVERY)
         elif variant == "C":
             self.handles = naive_otel_hooks(self.model, self.tracer)
 
@@ -347,9 +349,9 @@ def verdict(lo: float, hi: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run")
-    parser.add_argument("--rounds", type=int, help="rounds of A + other blocks (default 80, quick 6)")
+    parser.add_argument("--rounds", type=int, help="rounds of A + other blocks (default 20, quick 2)")
     args = parser.parse_args()
-    rounds = args.rounds or (6 if args.quick else 80)
+    rounds = args.rounds or (2 if args.quick else 20)
     began = time.perf_counter()
     torch.set_num_threads(1)
     print(facts := machine_facts(), flush=True)
@@ -368,7 +370,7 @@ def main() -> None:
     shape = f"{trainer.batch} x {trainer.seq} tokens"
     print(f"{shape}: {ms:.2f} ms/step; {rounds} rounds of blocks of {BLOCK} steps ...", flush=True)
     out = ab(trainer, rounds)
-    export_us = export_cost(trainer, agg, 3 if args.quick else 10)
+    export_us = export_cost(trainer, agg, 1 if args.quick else 3)
     hooks_us = hook_cost(trainer, agg, 6 if args.quick else 30)
     span_us = region_cost(agg, trainer)
     cold = in_loop(trainer, 90 if args.quick else 600)

@@ -77,7 +77,7 @@ class Telemetry:
         self.local_rank = cfg.local_rank if cfg.local_rank is not None else detected.local_rank
         self.world_size = cfg.world_size if cfg.world_size is not None else detected.world_size
         self.run_id = cfg.run_id if cfg.run_id is not None else detected.run_id
-        self.run_dir = Path(cfg.run_dir.replace("{run_id}", self.run_id))
+        self.run_dir = Path(os.fspath(cfg.run_dir).replace("{run_id}", self.run_id))  # str or Path
         self.instance_id = uuid.uuid4().hex
         self.attributes = {semconv.LABEL_RANK: str(self.rank), semconv.LABEL_RUN_ID: self.run_id}
         self.health = TelemetryHealth()

@@ -60,6 +60,7 @@ class Timekeeper:
             on_drop=lambda n: health.dropped("spans", n),
             on_error=lambda: health.error("timing"),
         )
+        self.recorder.sample_every = cfg.trace_every or 100
         self.recorder.on_boundary.append(modules.step_boundary)
         self.aggregator = Aggregator(
             self.recorder,

@@ -102,6 +102,9 @@ class Recorder:
         self.explicit_steps = False
         self.finished: deque[list] = deque()
         self.boundaries: deque[tuple[int | None, int, Mapping[str, Any] | None]] = deque()
+        #: The tracing interval (``trace_every``): ``trace_modules()`` times modules on the same
+        #: steps by default, so each traced step shows its modules.
+        self.sample_every = 100
         #: Called on the training thread at every step boundary (module sampling); keep them cheap.
         self.on_boundary: list[Callable[[], None]] = []
         self._on_drop = on_drop
@@ -153,6 +156,12 @@ _root: PathNode | None = None
 _finished: deque[list] = deque(maxlen=0)
 _clock: Callable[[], int] = time.perf_counter_ns
 _dynamo_compiling, _compile_state = _fast_compiling_check()
+
+
+def compiling() -> bool:
+    """True under TorchDynamo tracing and for a whole compile or export session (the answer of
+    ``torch.compiler.is_compiling()``; ``Region.__enter__`` inlines the same two checks)."""
+    return _dynamo_compiling() or _compile_state._is_compiling_flag
 
 
 def install(recorder: Recorder | None) -> None:

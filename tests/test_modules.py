@@ -8,7 +8,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
 import otel_ml
-from otel_ml import modules, timing
+from otel_ml import modules, runtime, timing
 from otel_ml.paths import PathTree
 from otel_ml.regions import Aggregator
 from otel_ml.sampling import TraceSampler
@@ -160,7 +160,8 @@ def test_remove_restores_every_module_untouched(aggregator):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
-def test_by_default_modules_are_touched_on_every_twentieth_step_only(aggregator):
+def test_by_default_modules_are_touched_on_the_traced_steps_only(aggregator):
+    aggregator.recorder.sample_every = 20  # what init() sets from trace_every
     net = Net()
     tracer = otel_ml.trace_modules(net, depth=1)
     assert tracer.every == 20
@@ -326,3 +327,16 @@ def test_a_failure_inside_module_timing_never_reaches_forward_or_backward(aggreg
     assert caplog.text.count("module timing failed") == 1  # logged once
     assert len(errors) > 10  # and once per failing node hook in backward
     tracer.remove()
+
+
+@pytest.mark.parametrize(("trace_every", "expected"), [(30, 30), (0, 100)])
+def test_modules_follow_the_tracing_interval_by_default(tmp_path, trace_every, expected):
+    settings = {"prometheus_port": 0, "files": "off", "summary": False, "run_dir": tmp_path}
+    otel_ml.init(service_name="t", trace_every=trace_every, **settings)
+    try:
+        tracer = otel_ml.trace_modules(Net(), depth=1)
+        assert tracer.every == expected
+        assert otel_ml.trace_modules(Net(), depth=1, every=7).every == 7
+    finally:
+        otel_ml.shutdown()
+        runtime._current = None  # later tests expect no instance, not a closed one
