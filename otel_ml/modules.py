@@ -18,7 +18,7 @@ under the region open on the thread running backward (``backward/model.backward/
 ``loss.backward()`` runs inside ``otel_ml.span("backward")`` on CPU; CUDA autograd runs on its
 own threads, where the path starts at ``model.backward``).
 
-In a real training loop a timed module call costs about 60 µs (its Python runs with caches the
+In a real training loop a timed module call costs 30-60 µs (its Python runs with caches the
 step's kernels have evicted), so by default modules are timed on the steps chosen for tracing
 (``every=trace_every``, 100 unless configured): each traced step shows its modules, and between
 timed steps the attributes are removed and the model runs exactly as if it were not traced.
