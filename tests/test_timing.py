@@ -12,7 +12,6 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
-import torch
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -193,18 +192,16 @@ def test_unicode_names(env):
     assert sorted(n.path for n in aggregator.stats) == ["前向传播总耗时", "前向传播总耗时/编码器"]
 
 
-def test_regions_are_no_ops_when_disabled_compiling_or_not_installed(env):
+def test_regions_are_no_ops_when_disabled_compiling_or_not_installed(env, monkeypatch):
     recorder, aggregator, _, _ = env
     recorder.enabled = False
     with otel_ml.span("off"):
         pass
     recorder.enabled = True
-    timing._compile_state = SimpleNamespace(_is_compiling_flag=True)  # a compile/export session
-    try:
+    with monkeypatch.context() as patch:  # a compile or export session
+        patch.setattr(timing, "_compile_state", SimpleNamespace(_is_compiling_flag=True))
         with otel_ml.span("compiling"):
             pass
-    finally:
-        timing._compile_state = torch.compiler
     timing.install(None)
     with otel_ml.span("before-init"):
         pass
