@@ -253,14 +253,19 @@ def test_alertmanager_groups_by_run_and_inhibits(
         ],
     )
 
+    inhibited = [("TrainingLossSpike", "e2e", "3"), ("TrainingStalled", "e2e", "0")]
+
     def statuses() -> dict[tuple[str, str, str], dict[str, Any]] | None:
         got = {
             (a["labels"]["alertname"], a["labels"]["run_id"], a["labels"]["rank"]): a["status"]
             for a in _api(f"{base}/api/v2/alerts")
         }
-        return got if len(got) == 6 else None
+        # Alertmanager marks inhibition when its pipeline next evaluates the alerts, not on receipt:
+        # an alert can be listed before its inhibitedBy is filled in.
+        settled = len(got) == 6 and all(got[key]["inhibitedBy"] for key in inhibited)
+        return got if settled else None
 
-    state = wait_until(statuses, timeout=15, what="six alerts in alertmanager")
+    state = wait_until(statuses, timeout=15, what="six alerts in alertmanager, two of them inhibited")
     assert state[("TrainingLossSpike", "e2e", "3")]["inhibitedBy"]
     assert state[("TrainingStalled", "e2e", "0")]["inhibitedBy"]
     for key in [
