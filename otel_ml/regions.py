@@ -188,7 +188,8 @@ class Aggregator:
             root.add_event(name, event_attributes, timestamp=end_ns + wall)
         root_context = trace.set_span_in_context(root)
         spans: dict[int, Any] = {}
-        for entry in sorted(entries, key=lambda e: e[START]):
+        # Parents before children: a coarse clock can give both the same start.
+        for entry in sorted(entries, key=lambda e: (e[START], e[NODE].depth)):
             parent = entry[PARENT]
             parent_span = spans.get(id(parent)) if parent is not None else None
             context = trace.set_span_in_context(parent_span) if parent_span is not None else root_context
