@@ -27,6 +27,7 @@ class Discard(SpanExporter):
 def machine_facts(*packages: str) -> str:
     """Python, torch (and its thread count), CPUs, kernel, otel_ml, the OTel SDK and ``packages``."""
     import otel_ml
+    from otel_ml.timing import ACCELERATED
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next(
@@ -39,6 +40,7 @@ def machine_facts(*packages: str) -> str:
     extra = "".join(f", {name} {version(name)}" for name in packages)
     return (
         f"Python {platform.python_version()}{torch_facts}, {os.cpu_count()} CPUs ({usable} usable, {cpu}), "
-        f"{platform.system()} {platform.release()}, otel_ml {otel_ml.__version__}, "
+        f"{platform.system()} {platform.release()}, otel_ml {otel_ml.__version__} "
+        f"({'C' if ACCELERATED else 'Python'} regions), "
         f"opentelemetry-sdk {version('opentelemetry-sdk')}{extra}"
     )

@@ -276,7 +276,7 @@ class _TracedModule:
         if parent is None:
             # The outermost module: nest under the caller's open region when backward runs on
             # the calling thread (CPU autograd), e.g. otel_ml.span("backward") around it.
-            parent = timing._get()
+            parent = timing.top_entry()
             while parent is not None and parent[END] is not None:
                 parent = parent[PARENT]
         entry = [self._node(rec, parent), 0, None, parent, None, None, self.region, None, None, 0.0, None]

@@ -1,14 +1,20 @@
 """``otel_ml.span(...)``: nested timed regions, cheap enough to leave on in production.
 
-A region on the training thread costs a context-variable read and write, a small list and two
-clock reads (well under a microsecond; see ``benchmarks/bench_span.py``). No OTel span is created
-here: finished regions go to a queue, and the export thread aggregates them into histograms and
-builds real spans, with the original timestamps, for the steps chosen for tracing
-(:mod:`otel_ml.regions`).
+A region on the training thread records a small list (its path node, parent, two clock reads);
+no OTel span is created here: finished regions go to a queue, and the export thread aggregates
+them into histograms and builds real spans, with the original timestamps, for the steps chosen
+for tracing (:mod:`otel_ml.regions`).
+
+``__enter__``/``__exit__`` are written in C (``otel_ml/_cregion.c``, built at install; about
+0.4 µs in a tight loop and a third to half of the Python version's cost between a step's
+kernels, where caches are cold: ``benchmarks/bench_modules.py``). :class:`PyRegion` is the same
+in Python: the fallback when the extension is not built (``ACCELERATED`` is then False) or
+``OTEL_ML_PURE_PYTHON=1`` is set, and what TorchDynamo traces. The tests run both.
 
 Nesting uses a :class:`contextvars.ContextVar`, so each thread and each asyncio task has its own
-stack. When CUDA timing is on, each region also records two CUDA events; they are resolved later
-with ``event.query()`` off the training thread, never with ``synchronize()``.
+stack, and a task started inside a region nests under it. When CUDA timing is on, each region
+also records two CUDA events; they are resolved later with ``event.query()`` off the training
+thread, never with ``synchronize()``.
 
 Under ``torch.compile`` regions do nothing and break no graph (``fullgraph=True`` works), when
 written ``with otel_ml.span(name):`` or as a decorator inside the compiled code. A region object
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import threading
 import time
@@ -39,10 +46,22 @@ from typing import Any, TypeVar
 
 from otel_ml.paths import PathNode, PathTree, split
 
+try:
+    if os.environ.get("OTEL_ML_PURE_PYTHON", "") not in ("", "0"):
+        raise ImportError("OTEL_ML_PURE_PYTHON is set")
+    from otel_ml import _cregion
+except ImportError:
+    _cregion = None  # type: ignore[assignment]
+
+#: True when regions run the C hot path (``otel_ml/_cregion.c``), False for the Python one.
+ACCELERATED = _cregion is not None
+
 # An entry is a list (the cheapest mutable record): these are its slots.
 NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU = range(11)
 
-_current: ContextVar[list | None] = ContextVar("otel_ml_region", default=None)
+# The innermost open entry of this thread or task: the entry itself for PyRegion, a Cell holding it
+# (``cell.top``) for the C regions, which set the variable once per context (see _cregion.c).
+_current: ContextVar[Any] = ContextVar("otel_ml_region", default=None)
 # Bound methods fetched once: the hot path indexes entries by number (see the slot names above).
 _get = _current.get
 _set = _current.set
@@ -97,7 +116,7 @@ class Recorder:
     ) -> None:
         self.tree = tree or PathTree()
         self.clock = clock
-        self.events = events
+        self._events = events
         self._enabled = True
         self.explicit_steps = False
         self.finished: deque[list] = deque()
@@ -121,6 +140,17 @@ class Recorder:
     @enabled.setter
     def enabled(self, value: bool) -> None:
         self._enabled = value
+        if _recorder is self:
+            install(self)
+
+    @property
+    def events(self) -> Any | None:
+        """The CUDA event pool (or a stand-in) when regions record GPU time, else None."""
+        return self._events
+
+    @events.setter
+    def events(self, value: Any | None) -> None:
+        self._events = value
         if _recorder is self:
             install(self)
 
@@ -156,6 +186,7 @@ _root: PathNode | None = None
 _finished: deque[list] = deque(maxlen=0)
 _clock: Callable[[], int] = time.perf_counter_ns
 _dynamo_compiling, _compile_state = _fast_compiling_check()
+_install_lock = threading.RLock()
 
 
 def compiling() -> bool:
@@ -167,25 +198,81 @@ def compiling() -> bool:
 def install(recorder: Recorder | None) -> None:
     """Make ``recorder`` the process-wide one (``None`` turns every region into a no-op)."""
     global _recorder, _live, _root, _finished, _clock, _dynamo_compiling, _compile_state
-    _recorder = recorder
-    if recorder is None:
-        _live, _root, _finished, _clock = None, None, deque(maxlen=0), time.perf_counter_ns
+    with _install_lock:
+        _recorder = recorder
+        if recorder is None:
+            _live, _root, _finished, _clock = None, None, deque(maxlen=0), time.perf_counter_ns
+        else:
+            _dynamo_compiling, _compile_state = _fast_compiling_check()
+            _root, _finished, _clock = recorder.tree.root, recorder.finished, recorder.clock
+            _live = recorder if recorder.enabled else None
+            allow_under_dynamo()
+        _configure_c()
+
+
+def _configure_c() -> None:
+    """Hand the hot-path state to the C regions (they read it from there, not from here)."""
+    if _cregion is None:
         return
-    _dynamo_compiling, _compile_state = _fast_compiling_check()
-    allow_under_dynamo()
-    _root, _finished, _clock = recorder.tree.root, recorder.finished, recorder.clock
-    _live = recorder if recorder.enabled else None
+    native = _clock is time.perf_counter_ns and sys.platform == "linux"  # both CLOCK_MONOTONIC
+    _cregion.configure(
+        cvar=_current,
+        recorder=_recorder,
+        live=_live,
+        root=_root,
+        finished=_finished,
+        clock=None if native else _clock,
+        compile_state=_compile_state,
+        events=None if _recorder is None else _recorder.events,
+        max_finished=MAX_FINISHED,
+    )
 
 
-class Region:
-    """A named region: context manager (sync and async) and decorator. Get one with :func:`span`.
+class _RegionAPI:
+    """What both region implementations share: async use, the decorator, the repr."""
+
+    __slots__ = ()
+    name: str
+
+    async def __aenter__(self) -> Any:
+        return self.__enter__()  # type: ignore[attr-defined]
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)  # type: ignore[attr-defined]
+
+    def __call__(self, func: F) -> F:
+        """Decorate a function or coroutine function so every call is timed as this region."""
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with self:  # type: ignore[attr-defined]
+                    return await func(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if _dynamo_compiling():  # TorchDynamo cannot enter a region made outside its trace
+                return func(*args, **kwargs)
+            with self:  # type: ignore[attr-defined]
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"otel_ml.span({self.name!r})"
+
+
+class PyRegion(_RegionAPI):
+    """A named region written in Python: the fallback when the C hot path is not built, and what
+    :func:`span` gives TorchDynamo to trace. Same behaviour as :class:`Region`.
 
     The object holds no per-call state, so one instance serves every thread and nesting level.
 
     Example::
 
-        fwd = otel_ml.span("forward")
-        with fwd:
+        with PyRegion("forward"):
             ...
     """
 
@@ -199,7 +286,7 @@ class Region:
         #: over the steps it was timed in.
         self.sampled = sampled
 
-    def __enter__(self) -> Region:
+    def __enter__(self) -> PyRegion:
         if _dynamo_compiling():  # first: TorchDynamo then reads (and guards on) nothing of ours
             return self
         rec = _live
@@ -257,44 +344,46 @@ class Region:
             _recorder.finish(entry)  # counts the drop
         return False
 
-    async def __aenter__(self) -> Region:
-        return self.__enter__()
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        return self.__exit__(exc_type, exc, tb)
+if _cregion is not None:
 
-    def __call__(self, func: F) -> F:
-        """Decorate a function or coroutine function so every call is timed as this region."""
-        if inspect.iscoroutinefunction(func):
+    class Region(_cregion.RegionBase, _RegionAPI):
+        """A named region: context manager (sync and async) and decorator. Get one with :func:`span`.
 
-            @functools.wraps(func)
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with self:
-                    return await func(*args, **kwargs)
+        ``__enter__`` and ``__exit__`` are written in C (``otel_ml/_cregion.c``): between a step's
+        kernels they cost about half of :class:`PyRegion`'s (``benchmarks/bench_modules.py``).
+        The object holds no per-call state, so one instance serves every thread and nesting level.
 
-            return async_wrapper  # type: ignore[return-value]
+        Example::
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if _dynamo_compiling():  # TorchDynamo cannot enter a region made outside its trace
-                return func(*args, **kwargs)
-            with self:
-                return func(*args, **kwargs)
+            fwd = otel_ml.span("forward")
+            with fwd:
+                ...
+        """
 
-        return wrapper  # type: ignore[return-value]
+        __slots__ = ()
 
-    def __repr__(self) -> str:
-        return f"otel_ml.span({self.name!r})"
+        def __init__(self, name: str, *, sampled: bool = False) -> None:
+            super().__init__(name, split(name), sampled)
+
+else:
+    Region = PyRegion  # type: ignore[misc]
 
 
-@functools.lru_cache(maxsize=10_000)  # names built from data: keep the cache bounded
+#: Regions kept by :func:`span` at most; past that its cache starts again (names built from data).
+SPAN_CACHE = 10_000
+
+
+# Unbounded, so that a hit is a dict lookup: a bounded lru_cache also relinks its LRU list on
+# every hit, which between a step's kernels costs about 2.5 us more. The body bounds it on misses.
+@functools.cache
 def span(name: str) -> Region:
     """The region called ``name`` (``/`` separates path levels): use with ``with`` or as a decorator.
 
     Regions nest: ``span("forward")`` around ``span("encoder")`` records ``forward/encoder``.
     Before ``init()``, when disabled, and under ``torch.compile`` tracing it does nothing (and
     breaks no graph: TorchDynamo bypasses the cache and sees a region it can trace).
-    A name seen before costs a cache lookup written in C, not a Python call: between a
+    A name seen before costs a dict lookup written in C, not a Python call: between a
     training step's kernels that difference is microseconds (``benchmarks/bench_modules.py``).
 
     Example::
@@ -302,16 +391,25 @@ def span(name: str) -> Region:
         with otel_ml.span("前向传播总耗时"):
             loss = model(batch)
     """
+    if _dynamo_compiling():  # TorchDynamo traces this body (not the cache): give it Python
+        return PyRegion(name)
+    if span.cache_info().currsize >= SPAN_CACHE:
+        span.cache_clear()
     return Region(name)
 
 
 def allow_under_dynamo() -> bool:
-    """Tell TorchDynamo (once it is imported) that tracing through ``span``'s cache is intended,
-    which silences its warning about ``lru_cache``; True once done. Never imports torch."""
+    """Once TorchDynamo is imported, take torch's compile check (it may not have been imported at
+    ``install()``) and tell TorchDynamo that tracing through ``span``'s cache is intended, which
+    silences its warning about ``lru_cache``; True once done. Never imports torch."""
+    global _dynamo_compiling, _compile_state
     utils = sys.modules.get("torch._dynamo.utils")
     allow = getattr(utils, "allow_lru_cache_wrapper_trace_without_warning", None)
     if allow is None:
         return False
+    with _install_lock:  # the pump thread calls this: keep the state install() sets whole
+        _dynamo_compiling, _compile_state = _fast_compiling_check()
+        _configure_c()
     try:
         allow(span)
     except Exception:  # noqa: BLE001 - a private helper of torch: its absence costs a warning only
@@ -336,9 +434,17 @@ def step_end(step: int | None = None) -> None:
         rec.step_end(step)
 
 
+def _py_top() -> list | None:
+    return _get()
+
+
+#: The innermost open entry of this thread or task (it may have been closed out of order), or None.
+top_entry: Callable[[], list | None] = _py_top if _cregion is None else _cregion.top
+
+
 def current_path() -> str | None:
     """The path of the innermost open region in this thread or task, or None."""
-    entry = _current.get()
+    entry = top_entry()
     while entry is not None and entry[END] is not None:
         entry = entry[PARENT]
     return None if entry is None else entry[NODE].path

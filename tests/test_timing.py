@@ -7,9 +7,13 @@ wall-clock offset, so every timestamp is checked exactly.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+import time
 import warnings
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -22,6 +26,7 @@ from otel_ml import timing
 from otel_ml.paths import PathTree
 from otel_ml.regions import Aggregator
 from otel_ml.sampling import TraceSampler
+from otel_ml.semconv import ATTR_PATH
 
 MS = 1_000_000
 
@@ -153,6 +158,35 @@ def test_concurrent_asyncio_tasks_keep_their_own_nesting(env):
     assert sorted(n.path for n in aggregator.stats) == ["a", "a/step", "b", "b/step"]
 
 
+def test_tasks_started_inside_a_region_nest_under_it_each_with_its_own_stack(env):
+    recorder, aggregator, exporter, clock = env
+
+    async def worker(name):
+        with otel_ml.span(name):
+            await asyncio.sleep(0)  # the other task runs its region meanwhile
+            with otel_ml.span("inner"):
+                clock.advance(1)
+
+    async def main():
+        await asyncio.gather(worker("a"), worker("b"))
+
+    with otel_ml.span("serve"):
+        asyncio.run(main())
+        assert timing.current_path() == "serve"  # the tasks left this thread's nesting alone
+    recorder.step_end(0)
+    aggregator.process()
+    assert sorted(n.path for n in aggregator.stats) == [
+        "serve",
+        "serve/a",
+        "serve/a/inner",
+        "serve/b",
+        "serve/b/inner",
+    ]
+    spans = {s.attributes.get(ATTR_PATH): s for s in exporter.get_finished_spans()}
+    assert spans["serve/a/inner"].parent.span_id == spans["serve/a"].context.span_id
+    assert spans["serve/a"].parent.span_id == spans["serve"].context.span_id
+
+
 def test_an_exception_marks_the_span_as_error_closes_it_and_propagates(env):
     recorder, aggregator, exporter, _ = env
     with pytest.raises(KeyError), otel_ml.span("forward"), otel_ml.span("encoder"):
@@ -199,7 +233,7 @@ def test_regions_are_no_ops_when_disabled_compiling_or_not_installed(env, monkey
         pass
     recorder.enabled = True
     with monkeypatch.context() as patch:  # a compile or export session
-        patch.setattr(timing, "_compile_state", SimpleNamespace(_is_compiling_flag=True))
+        patch.setattr(timing._compile_state, "_is_compiling_flag", True)
         with otel_ml.span("compiling"):
             pass
     timing.install(None)
@@ -361,3 +395,66 @@ def test_regions_inside_torch_compile_break_no_graph_and_record_nothing(env):
         assert double(torch.ones(1)).tolist() == [2.0]
     aggregator.process()
     assert sorted(n.path for n in aggregator.stats) == ["eager", "eager/decorated", "made-before"]
+
+
+def test_regions_free_what_they_allocate():
+    """A reference leaked by the C hot path would keep every entry alive: count blocks."""
+    recorder = timing.Recorder(PathTree())
+    timing.install(recorder)
+    try:
+        outer, inner = otel_ml.span("leak/outer"), otel_ml.span("inner")
+
+        def run(n):
+            for _ in range(n):
+                with outer, inner:
+                    pass
+                with pytest.raises(ValueError), outer:
+                    raise ValueError
+            recorder.finished.clear()
+
+        run(1_000)  # warm up: caches, the path tree, interned objects
+        before = sys.getallocatedblocks()
+        run(20_000)
+        assert sys.getallocatedblocks() - before < 2_000  # 60,000 entries were made
+    finally:
+        timing.install(None)
+
+
+def test_region_timestamps_read_the_same_clock_as_perf_counter_ns():
+    recorder = timing.Recorder(PathTree())  # the default clock: the C path reads it natively
+    timing.install(recorder)
+    try:
+        before = time.perf_counter_ns()
+        with otel_ml.span("clock"):
+            pass
+        after = time.perf_counter_ns()
+        (entry,) = recorder.finished
+        assert before <= entry[timing.START] <= entry[timing.END] <= after
+    finally:
+        timing.install(None)
+
+
+def test_the_c_hot_path_is_built_where_ci_requires_it():
+    if os.environ.get("OTEL_ML_REQUIRE_C", "") in ("", "0"):
+        pytest.skip("OTEL_ML_REQUIRE_C is not set (.ci/run sets it)")
+    assert timing.ACCELERATED, "otel_ml/_cregion.c was not built: is a C compiler installed?"
+    region = otel_ml.span("built")
+    assert type(region).__enter__ is timing._cregion.RegionBase.__enter__
+    assert type(region).__exit__ is timing._cregion.RegionBase.__exit__
+
+
+@pytest.mark.skipif(not timing.ACCELERATED, reason="this run already uses the Python regions")
+def test_the_python_regions_pass_the_region_tests_too():
+    root = Path(__file__).resolve().parent.parent
+    tests = ["tests/test_timing.py", "tests/test_modules.py", "tests/test_summary.py"]
+    env = {**os.environ, "OTEL_ML_PURE_PYTHON": "1", "OTEL_ML_REQUIRE_C": "0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
