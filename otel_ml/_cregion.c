@@ -2,75 +2,139 @@
  *
  * Why: between a training step's kernels the interpreter's caches are cold, and a region written
  * in Python costs about 20 us there (bytecode, frames, globals lookups, allocations) against
- * 0.7 us in a tight loop; this one costs about a quarter of that (benchmarks/bench_modules.py).
- * It produces the same entry lists into the same queue as ``PyRegion`` in otel_ml/timing.py,
- * which stays as the fallback (no compiler, another interpreter, OTEL_ML_PURE_PYTHON=1) and for
- * TorchDynamo, which cannot trace C methods. The tests run both (tests/test_timing.py).
+ * 0.7 us in a tight loop (benchmarks/bench_modules.py). Here a region allocates nothing on the
+ * training thread: it pushes a C record on its context's stack and, on exit, moves it into a
+ * buffer. The export thread turns the buffer into the entry lists ``PyRegion`` (otel_ml/timing.py)
+ * makes, in the order regions finished, with ``drain()``; the aggregator cannot tell them apart.
+ * ``PyRegion`` stays as the fallback (no compiler, another interpreter, OTEL_ML_PURE_PYTHON=1) and
+ * for TorchDynamo, which cannot trace C methods. The tests run both (tests/test_timing.py).
  *
- * One difference in how the innermost open entry is kept. ``PyRegion`` sets the context variable
- * to the entry on enter and resets it on exit: two new HAMTs and a Token per region, about half
- * the cost of a region here. This one sets the variable once per context (thread, asyncio task)
- * to a mutable Cell owned by that context, and moves ``cell.top`` on enter and exit. A context
- * copied from another (a new task) inherits the cell: it sees that it does not own it (the owner
- * is the context object) and makes its own, starting from the inherited top.
+ * Nesting: the context variable holds a Cell per context (thread, asyncio task), set once, not
+ * per region. A context copied from another (a new task) inherits the cell: it sees that it does
+ * not own it (the owner is the context object) and makes its own, whose regions nest under the
+ * inherited cell's innermost open region. A parent is named by its record id; the entry list of a
+ * parent that has not finished yet is a placeholder, filled in when it finishes (``pending``).
  *
- * State is set by ``configure()`` (called by ``timing.install()``), read under the GIL.
+ * Everything here runs under the GIL. State is set by ``configure()`` (``timing.install()``).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <structmember.h>
 #include <time.h>
 
 /* Slots of an entry: keep in step with NODE, START, ... in otel_ml/timing.py. */
 enum { NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU, SLOTS };
+#define MAX_DEPTH 256 /* open regions per context; deeper ones are not recorded */
 
-static PyObject *cvar;           /* the ContextVar holding the innermost open entry */
+typedef struct {
+    uint64_t id, parent_id; /* parent_id 0: the root */
+    PyObject *node, *region, *ev_start; /* strong; ev_start may be NULL */
+    long long start;
+    int closed; /* closed out of order: finished, waiting for the regions above it */
+} Open;
+
+typedef struct {
+    uint64_t id, parent_id;
+    PyObject *node, *region, *error, *ev_start, *ev_end; /* strong or NULL */
+    PyObject *entry; /* a ready entry list (module backward regions), or NULL */
+    long long start, end;
+} Done;
+
+static PyObject *cvar;           /* the ContextVar holding this context's Cell */
 static PyObject *recorder;       /* installed Recorder, or None */
 static PyObject *live;           /* the recorder when installed and enabled, or None */
 static PyObject *root;           /* its tree's root PathNode, or None */
-static PyObject *finished;       /* its queue of finished entries (a deque) */
-static PyObject *finished_append;
-static PyObject *clock_fn;          /* None: CLOCK_MONOTONIC, which is time.perf_counter_ns on Linux */
+static PyObject *clock_fn;       /* None: CLOCK_MONOTONIC, which is time.perf_counter_ns on Linux */
 static PyObject *compile_state;  /* holder of _is_compiling_flag */
 static PyObject *compile_dict;   /* its __dict__ when it is a module (a faster read), else NULL */
 static PyObject *events;         /* CUDA event pool or None */
 static PyObject *resolve;        /* live.tree.resolve, or None */
-static Py_ssize_t max_finished;
-static PyObject *str_flag, *str_record, *str_finish, *zero_float;
+static PyObject *pending;        /* record id -> entry list of a region not finished yet */
+static PyObject *recent;         /* record id -> entry of a region finished in this drain */
+static PyObject *recent_old;     /* ... and in the one before (children closed after it) */
+static PyObject *str_flag, *str_record, *zero_float;
+static uint64_t next_id;
+static Done *buffer, *spare;     /* finished records; drain() swaps them */
+static Py_ssize_t buffer_len, buffer_cap, spare_cap, max_finished, dropped;
+static int draining;
 
-static PyObject *now(void) {
+static long long now_ns(void) {
     if (clock_fn == Py_None) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
-        return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+        return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
     }
-    return PyObject_CallNoArgs(clock_fn);
+    PyObject *value = PyObject_CallNoArgs(clock_fn);
+    if (value == NULL) return -1;
+    long long ns = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return ns;
 }
 
-/* Replace item i of a list (steals value). */
-static inline void put(PyObject *entry, Py_ssize_t i, PyObject *value) {
-    PyObject *old = PyList_GET_ITEM(entry, i);
-    PyList_SET_ITEM(entry, i, value);
-    Py_XDECREF(old);
+static void release_done(Done *d) {
+    Py_XDECREF(d->node);
+    Py_XDECREF(d->region);
+    Py_XDECREF(d->error);
+    Py_XDECREF(d->ev_start);
+    Py_XDECREF(d->ev_end);
+    Py_XDECREF(d->entry);
 }
 
-/* The innermost open entry of one context: ``top`` (an entry list or None). */
+/* Take a finished record (its references too); full: count a drop. */
+static void push_done(Done *d) {
+    if (buffer_len >= max_finished) {
+        dropped++;
+        release_done(d);
+        return;
+    }
+    if (buffer_len == buffer_cap) {
+        Py_ssize_t cap = buffer_cap ? buffer_cap * 2 : 1024;
+        if (cap > max_finished) cap = max_finished;
+        Done *grown = cap > buffer_cap ? PyMem_Realloc(buffer, cap * sizeof(Done)) : NULL;
+        if (grown == NULL) {
+            dropped++;
+            release_done(d);
+            return;
+        }
+        buffer = grown;
+        buffer_cap = cap;
+    }
+    buffer[buffer_len++] = *d;
+}
+
+/* ------------------------------------------------------------------ Cell */
+
 typedef struct {
     PyObject_HEAD
-    void *owner; /* the context that made it: compared, never dereferenced */
-    PyObject *top;
+    void *owner;         /* the context that made it: compared, never dereferenced */
+    uint64_t base_id;    /* the inherited parent region (0: none) */
+    PyObject *base_node; /* its node (strong), or NULL */
+    Open *stack;
+    int depth, cap, overflow;
 } Cell;
 
 static PyTypeObject *CellType;
 
 static int cell_traverse(Cell *self, visitproc visit, void *arg) {
     Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->top);
+    Py_VISIT(self->base_node);
+    for (int i = 0; i < self->depth; i++) {
+        Py_VISIT(self->stack[i].node);
+        Py_VISIT(self->stack[i].region);
+        Py_VISIT(self->stack[i].ev_start);
+    }
     return 0;
 }
 
 static int cell_clear(Cell *self) {
-    Py_CLEAR(self->top);
+    Py_CLEAR(self->base_node);
+    for (int i = 0; i < self->depth; i++) {
+        Py_CLEAR(self->stack[i].node);
+        Py_CLEAR(self->stack[i].region);
+        Py_CLEAR(self->stack[i].ev_start);
+    }
+    self->depth = 0;
     return 0;
 }
 
@@ -78,21 +142,16 @@ static void cell_dealloc(Cell *self) {
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     cell_clear(self);
+    PyMem_Free(self->stack);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
 
-static PyMemberDef cell_members[] = {
-    {"top", T_OBJECT, offsetof(Cell, top), READONLY, "The innermost open entry, or None."},
-    {NULL, 0, 0, 0, NULL},
-};
-
 static PyType_Slot cell_slots[] = {
-    {Py_tp_doc, "Where a context keeps its innermost open region (see otel_ml._cregion)."},
+    {Py_tp_doc, "The open regions of one context (see otel_ml._cregion)."},
     {Py_tp_traverse, cell_traverse},
     {Py_tp_clear, cell_clear},
     {Py_tp_dealloc, cell_dealloc},
-    {Py_tp_members, cell_members},
     {0, NULL},
 };
 
@@ -102,6 +161,13 @@ static PyType_Spec cell_spec = {
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .slots = cell_slots,
 };
+
+/* The innermost region still open in a cell, or NULL (then its base is the parent). */
+static Open *innermost(Cell *cell) {
+    for (int i = cell->depth - 1; i >= 0; i--)
+        if (!cell->stack[i].closed) return &cell->stack[i];
+    return NULL;
+}
 
 /* This context's cell (a new reference), made when the context has none of its own. */
 static Cell *own_cell(void) {
@@ -115,7 +181,16 @@ static Cell *own_cell(void) {
         return NULL;
     }
     cell->owner = NULL;
-    cell->top = Py_NewRef(Py_IS_TYPE(value, CellType) ? ((Cell *)value)->top : Py_None);
+    cell->base_id = 0;
+    cell->base_node = NULL;
+    cell->stack = NULL;
+    cell->depth = cell->cap = cell->overflow = 0;
+    if (Py_IS_TYPE(value, CellType)) { /* inherited: nest under its innermost open region */
+        Cell *from = (Cell *)value;
+        Open *top = innermost(from);
+        cell->base_id = top ? top->id : from->base_id;
+        cell->base_node = top ? Py_NewRef(top->node) : Py_XNewRef(from->base_node);
+    }
     Py_DECREF(value);
     PyObject_GC_Track(cell);
     PyObject *token = PyContextVar_Set(cvar, (PyObject *)cell);
@@ -128,14 +203,18 @@ static Cell *own_cell(void) {
     return cell;
 }
 
-/* This context's cell if it has one, else None (new references). */
-static PyObject *current_cell(void) {
+/* This context's cell; with ``inherited``, also one it inherited. None if there is none. */
+static PyObject *current_cell(int inherited) {
     PyObject *value;
     if (PyContextVar_Get(cvar, Py_None, &value) < 0) return NULL;
-    if (Py_IS_TYPE(value, CellType) && ((Cell *)value)->owner == PyThreadState_Get()->context) return value;
-    Py_DECREF(value); /* none, or inherited: nothing of this context is open in it */
+    if (Py_IS_TYPE(value, CellType) &&
+        (inherited || ((Cell *)value)->owner == PyThreadState_Get()->context))
+        return value;
+    Py_DECREF(value);
     return Py_NewRef(Py_None);
 }
+
+/* ------------------------------------------------------------------ RegionBase */
 
 typedef struct {
     PyObject_HEAD
@@ -151,10 +230,8 @@ static int rb_init(RegionBase *self, PyObject *args, PyObject *kwds) {
     PyObject *name, *parts;
     int sampled = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|p", kwlist, &name, &parts, &sampled)) return -1;
-    Py_INCREF(name);
-    Py_XSETREF(self->name, name);
-    Py_INCREF(parts);
-    Py_XSETREF(self->parts, parts);
+    Py_XSETREF(self->name, Py_NewRef(name));
+    Py_XSETREF(self->parts, Py_NewRef(parts));
     Py_CLEAR(self->cache_parent);
     Py_CLEAR(self->cache_node);
     self->sampled = (char)sampled;
@@ -187,8 +264,7 @@ static void rb_dealloc(RegionBase *self) {
 }
 
 static PyObject *return_self(RegionBase *self) {
-    Py_INCREF(self);
-    return (PyObject *)self;
+    return Py_NewRef((PyObject *)self);
 }
 
 static int compiling(void) {
@@ -204,6 +280,17 @@ static int compiling(void) {
     return result;
 }
 
+/* Room for one more open region in the cell (0), or -1: too deep, not recorded. */
+static int reserve(Cell *cell) {
+    if (cell->depth < cell->cap) return 0;
+    int cap = cell->cap ? cell->cap * 2 : 8;
+    Open *grown = cap <= MAX_DEPTH ? PyMem_Realloc(cell->stack, cap * sizeof(Open)) : NULL;
+    if (grown == NULL) return -1;
+    cell->stack = grown;
+    cell->cap = cap;
+    return 0;
+}
+
 static PyObject *rb_enter(RegionBase *self, PyObject *unused) {
     if (live == Py_None) return return_self(self);
     int compile = compiling();
@@ -211,45 +298,42 @@ static PyObject *rb_enter(RegionBase *self, PyObject *unused) {
 
     Cell *cell = own_cell();
     if (cell == NULL) return NULL;
-    PyObject *parent = cell->top; /* borrowed from here on: entries keep their parents alive */
-    while (parent != Py_None && PyList_GET_ITEM(parent, END) != Py_None) /* closed out of order */
-        parent = PyList_GET_ITEM(parent, PARENT);
-    PyObject *parent_node = parent == Py_None ? root : PyList_GET_ITEM(parent, NODE);
-    PyObject *node;
+    Open *parent = innermost(cell);
+    PyObject *parent_node = parent ? parent->node : cell->base_node ? cell->base_node : root;
+    PyObject *node, *ev_start = NULL;
     if (self->cache_node != NULL && self->cache_parent == parent_node) {
         node = Py_NewRef(self->cache_node);
-    } else {
+    } else { /* a new parent: Python code runs, so the stack is read again below */
         node = PyObject_CallFunctionObjArgs(resolve, parent_node, self->parts, NULL);
         if (node == NULL) goto fail;
         Py_XSETREF(self->cache_parent, Py_NewRef(parent_node));
         Py_XSETREF(self->cache_node, Py_NewRef(node));
     }
-    PyObject *entry = PyList_New(SLOTS);
-    if (entry == NULL) {
-        Py_DECREF(node);
-        goto fail;
-    }
-    PyList_SET_ITEM(entry, NODE, node);
-    PyList_SET_ITEM(entry, START, PyLong_FromLong(0));
-    PyList_SET_ITEM(entry, PARENT, Py_NewRef(parent));
-    PyList_SET_ITEM(entry, REGION, Py_NewRef((PyObject *)self));
-    PyList_SET_ITEM(entry, CHILD, Py_NewRef(zero_float));
-    static const int nones[] = {END, TOKEN, ERROR, EV_START, EV_END, GPU};
-    for (size_t i = 0; i < sizeof(nones) / sizeof(nones[0]); i++)
-        PyList_SET_ITEM(entry, nones[i], Py_NewRef(Py_None));
     if (events != Py_None) {
-        PyObject *event = PyObject_CallMethodNoArgs(events, str_record);
-        if (event == NULL) {
-            Py_DECREF(entry);
+        ev_start = PyObject_CallMethodNoArgs(events, str_record);
+        if (ev_start == NULL) {
+            Py_DECREF(node);
             goto fail;
         }
-        put(entry, EV_START, event);
     }
-    Py_SETREF(cell->top, entry); /* the cell takes our reference */
+    if (reserve(cell) < 0) { /* too deep: not recorded; __exit__ counts it back */
+        cell->overflow++;
+        Py_DECREF(node);
+        Py_XDECREF(ev_start);
+        Py_DECREF(cell);
+        return return_self(self);
+    }
+    parent = innermost(cell);
+    Open *rec = &cell->stack[cell->depth++];
+    rec->id = ++next_id;
+    rec->parent_id = parent ? parent->id : cell->base_id;
+    rec->node = node;
+    rec->region = Py_NewRef((PyObject *)self);
+    rec->ev_start = ev_start;
+    rec->closed = 0;
+    rec->start = now_ns();
     Py_DECREF(cell);
-    PyObject *start = now();
-    if (start == NULL) return NULL;
-    put(entry, START, start);
+    if (rec->start == -1 && PyErr_Occurred()) return NULL;
     return return_self(self);
 
 fail:
@@ -260,70 +344,53 @@ fail:
 static PyObject *rb_exit(RegionBase *self, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *exc_type = nargs > 0 ? args[0] : Py_None;
     if (cvar == NULL) Py_RETURN_FALSE; /* never configured: nothing was opened */
-    PyObject *value = current_cell();
+    PyObject *value = current_cell(0);
     if (value == NULL) return NULL;
     if (value == Py_None) {
         Py_DECREF(value);
-        Py_RETURN_FALSE;
+        Py_RETURN_FALSE; /* __enter__ did nothing (disabled, compiling, or before init) */
     }
     Cell *cell = (Cell *)value;
-    PyObject *end = now();
-    if (end == NULL) {
+    if (cell->overflow > 0) { /* the innermost regions were the ones not recorded */
+        cell->overflow--;
+        Py_DECREF(cell);
+        Py_RETURN_FALSE;
+    }
+    long long end = now_ns();
+    if (end == -1 && PyErr_Occurred()) {
         Py_DECREF(cell);
         return NULL;
     }
-    PyObject *entry = cell->top;
-    if (entry != Py_None && PyList_GET_ITEM(entry, REGION) == (PyObject *)self &&
-        PyList_GET_ITEM(entry, END) == Py_None) {
-        put(entry, END, end);
-        Py_INCREF(entry); /* ours now: the cell lets go of it */
-        Py_SETREF(cell->top, Py_NewRef(PyList_GET_ITEM(entry, PARENT)));
-    } else {
-        /* Not on top: closed out of order (e.g. hooks); find our open entry further up. */
-        while (entry != Py_None &&
-               (PyList_GET_ITEM(entry, REGION) != (PyObject *)self || PyList_GET_ITEM(entry, END) != Py_None))
-            entry = PyList_GET_ITEM(entry, PARENT);
-        if (entry == Py_None) { /* __enter__ did nothing (disabled, compiling, or before init) */
-            Py_DECREF(end);
+    int i = cell->depth - 1;
+    /* Not on top: closed out of order (e.g. hooks); find our open record further down. */
+    while (i >= 0 && (cell->stack[i].region != (PyObject *)self || cell->stack[i].closed)) i--;
+    if (i < 0) {
+        Py_DECREF(cell);
+        Py_RETURN_FALSE;
+    }
+    PyObject *ev_end = NULL;
+    if (cell->stack[i].ev_start != NULL && events != Py_None) {
+        ev_end = PyObject_CallMethodNoArgs(events, str_record);
+        if (ev_end == NULL) PyErr_Clear(); /* the region still ends, timed on the host */
+        /* record() ran Python code: find our record again */
+        for (i = cell->depth - 1; i >= 0; i--)
+            if (cell->stack[i].region == (PyObject *)self && !cell->stack[i].closed) break;
+        if (i < 0) {
+            Py_XDECREF(ev_end);
             Py_DECREF(cell);
             Py_RETURN_FALSE;
         }
-        put(entry, END, end);
-        Py_INCREF(entry);
     }
+    Open *rec = &cell->stack[i];
+    Done done = {rec->id, rec->parent_id, rec->node, rec->region,
+                 exc_type == Py_None ? NULL : Py_NewRef(exc_type), rec->ev_start, ev_end, NULL,
+                 rec->start, end};
+    rec->node = rec->region = rec->ev_start = NULL; /* moved into done */
+    rec->closed = 1;
+    while (cell->depth > 0 && cell->stack[cell->depth - 1].closed) cell->depth--;
     Py_DECREF(cell);
-    if (exc_type != Py_None) put(entry, ERROR, Py_NewRef(exc_type));
-    if (PyList_GET_ITEM(entry, EV_START) != Py_None && events != Py_None) {
-        PyObject *event = PyObject_CallMethodNoArgs(events, str_record);
-        if (event == NULL) goto fail;
-        put(entry, EV_END, event);
-    }
-    PyObject *done;
-    Py_ssize_t queued = PyObject_Length(finished);
-    if (queued < 0) goto fail;
-    if (queued < max_finished)
-        done = PyObject_CallOneArg(finished_append, entry);
-    else if (recorder != Py_None)
-        done = PyObject_CallMethodOneArg(recorder, str_finish, entry); /* counts the drop */
-    else
-        done = Py_NewRef(Py_None);
-    if (done == NULL) goto fail;
-    Py_DECREF(done);
-    Py_DECREF(entry);
+    push_done(&done);
     Py_RETURN_FALSE;
-
-fail:
-    Py_DECREF(entry);
-    return NULL;
-}
-
-static PyObject *top(PyObject *module, PyObject *unused) {
-    if (cvar == NULL) Py_RETURN_NONE;
-    PyObject *value = current_cell();
-    if (value == NULL || value == Py_None) return value;
-    PyObject *entry = Py_NewRef(((Cell *)value)->top);
-    Py_DECREF(value);
-    return entry;
 }
 
 static PyMethodDef rb_methods[] = {
@@ -358,48 +425,179 @@ static PyType_Spec rb_spec = {
     .slots = rb_slots,
 };
 
+/* ------------------------------------------------------------------ entries (export thread) */
+
+static PyObject *new_entry(void) {
+    PyObject *entry = PyList_New(SLOTS);
+    if (entry == NULL) return NULL;
+    for (int i = 0; i < SLOTS; i++) PyList_SET_ITEM(entry, i, Py_NewRef(i == CHILD ? zero_float : Py_None));
+    return entry;
+}
+
+static inline void put(PyObject *entry, Py_ssize_t i, PyObject *value) { /* steals value */
+    PyObject *old = PyList_GET_ITEM(entry, i);
+    PyList_SET_ITEM(entry, i, value);
+    Py_XDECREF(old);
+}
+
+/* The entry list of region ``id`` (borrowed): a finished one, or a placeholder until it finishes. */
+static PyObject *entry_for(uint64_t id, PyObject *node) {
+    PyObject *key = PyLong_FromUnsignedLongLong(id);
+    if (key == NULL) return NULL;
+    PyObject *entry = PyDict_GetItemWithError(recent, key);
+    if (entry == NULL && !PyErr_Occurred()) entry = PyDict_GetItemWithError(recent_old, key);
+    if (entry == NULL && !PyErr_Occurred()) entry = PyDict_GetItemWithError(pending, key);
+    if (entry == NULL && !PyErr_Occurred()) {
+        entry = new_entry();
+        if (entry != NULL) {
+            if (node != NULL) put(entry, NODE, Py_NewRef(node));
+            int failed = PyDict_SetItem(pending, key, entry);
+            Py_DECREF(entry); /* the dict keeps it */
+            if (failed) entry = NULL;
+        }
+    }
+    Py_DECREF(key);
+    return entry;
+}
+
+/* Fill a finished record's entry (new reference), taking the record's references. */
+static PyObject *finish_entry(Done *d) {
+    PyObject *key = PyLong_FromUnsignedLongLong(d->id);
+    if (key == NULL) return NULL;
+    PyObject *entry = PyDict_GetItemWithError(pending, key);
+    if (entry != NULL) {
+        Py_INCREF(entry);
+        if (PyDict_DelItem(pending, key) < 0) goto fail;
+    } else if (PyErr_Occurred() || (entry = new_entry()) == NULL) {
+        goto fail;
+    }
+    PyObject *parent = d->parent_id ? entry_for(d->parent_id, NULL) : Py_None;
+    PyObject *start = PyLong_FromLongLong(d->start), *end = PyLong_FromLongLong(d->end);
+    if (parent == NULL || start == NULL || end == NULL) {
+        Py_XDECREF(start);
+        Py_XDECREF(end);
+        goto fail;
+    }
+    put(entry, NODE, d->node);
+    put(entry, START, start);
+    put(entry, END, end);
+    put(entry, PARENT, Py_NewRef(parent));
+    put(entry, REGION, d->region);
+    put(entry, ERROR, d->error ? d->error : Py_NewRef(Py_None));
+    put(entry, EV_START, d->ev_start ? d->ev_start : Py_NewRef(Py_None));
+    put(entry, EV_END, d->ev_end ? d->ev_end : Py_NewRef(Py_None));
+    d->node = d->region = d->error = d->ev_start = d->ev_end = NULL;
+    if (PyDict_SetItem(recent, key, entry) < 0) {
+        Py_DECREF(entry);
+        entry = NULL;
+    }
+    Py_DECREF(key);
+    return entry;
+fail:
+    Py_XDECREF(entry);
+    Py_DECREF(key);
+    return NULL;
+}
+
+static void drop_buffered(void) {
+    for (Py_ssize_t i = 0; i < buffer_len; i++) release_done(&buffer[i]);
+    buffer_len = 0;
+}
+
+static PyObject *drain(PyObject *module, PyObject *finished) {
+    if (draining) return PyLong_FromLong(0);
+    Done *mine = buffer;
+    Py_ssize_t n = buffer_len, mine_cap = buffer_cap, lost = dropped;
+    buffer = spare, buffer_cap = spare_cap, buffer_len = 0, dropped = 0;
+    spare = NULL, spare_cap = 0;
+    draining = 1;
+    PyObject *older = recent_old; /* forget the entries of two drains ago */
+    recent_old = recent;
+    recent = older;
+    PyDict_Clear(recent);
+    PyObject *append = PyObject_GetAttrString(finished, "append");
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Done *d = &mine[i];
+        if (append != NULL && !PyErr_Occurred()) { /* after an error: release the rest */
+            PyObject *entry = d->entry ? Py_NewRef(d->entry) : finish_entry(d);
+            PyObject *ok = entry ? PyObject_CallOneArg(append, entry) : NULL;
+            Py_XDECREF(entry);
+            Py_XDECREF(ok);
+        }
+        release_done(d);
+    }
+    Py_XDECREF(append);
+    if (PyDict_GET_SIZE(pending) > max_finished) PyDict_Clear(pending); /* never finished */
+    if (spare == NULL) {
+        spare = mine, spare_cap = mine_cap;
+    } else {
+        PyMem_Free(mine);
+    }
+    draining = 0;
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromSsize_t(lost);
+}
+
+static PyObject *finish(PyObject *module, PyObject *entry) {
+    Done done = {0};
+    done.entry = Py_NewRef(entry);
+    push_done(&done);
+    Py_RETURN_NONE;
+}
+
+static PyObject *top(PyObject *module, PyObject *unused) {
+    if (cvar == NULL) Py_RETURN_NONE;
+    PyObject *value = current_cell(1);
+    if (value == NULL || value == Py_None) return value;
+    Cell *cell = (Cell *)value;
+    Open *rec = innermost(cell);
+    PyObject *entry = Py_None;
+    if (rec != NULL || cell->base_id != 0)
+        entry = rec ? entry_for(rec->id, rec->node) : entry_for(cell->base_id, cell->base_node);
+    Py_XINCREF(entry);
+    Py_DECREF(value);
+    return entry;
+}
+
 static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"cvar", "recorder", "live", "root", "finished", "clock",
-                             "compile_state", "events", "max_finished", NULL};
-    PyObject *a_cvar, *a_recorder, *a_live, *a_root, *a_finished, *a_clock, *a_state, *a_events;
+    static char *kwlist[] = {"cvar",          "recorder", "live",        "root", "clock",
+                             "compile_state", "events",   "max_finished", NULL};
+    PyObject *a_cvar, *a_recorder, *a_live, *a_root, *a_clock, *a_state, *a_events;
     Py_ssize_t a_max;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "$OOOOOOOOn", kwlist, &a_cvar, &a_recorder, &a_live,
-                                     &a_root, &a_finished, &a_clock, &a_state, &a_events, &a_max))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "$OOOOOOOn", kwlist, &a_cvar, &a_recorder, &a_live, &a_root,
+                                     &a_clock, &a_state, &a_events, &a_max))
         return NULL;
     if (!PyContextVar_CheckExact(a_cvar)) {
         PyErr_SetString(PyExc_TypeError, "cvar must be a ContextVar");
         return NULL;
     }
-    PyObject *append = PyObject_GetAttrString(a_finished, "append");
-    if (append == NULL) return NULL;
-    PyObject *a_resolve = Py_None;
-    Py_INCREF(a_resolve);
+    PyObject *a_resolve = Py_NewRef(Py_None);
     if (a_live != Py_None) {
         PyObject *tree = PyObject_GetAttrString(a_live, "tree");
         if (tree == NULL) {
-            Py_DECREF(append);
             Py_DECREF(a_resolve);
             return NULL;
         }
         Py_SETREF(a_resolve, PyObject_GetAttrString(tree, "resolve"));
         Py_DECREF(tree);
-        if (a_resolve == NULL) {
-            Py_DECREF(append);
-            return NULL;
-        }
+        if (a_resolve == NULL) return NULL;
+    }
+    if (a_recorder != Py_None && a_recorder != recorder) { /* another recorder: not its regions */
+        drop_buffered();
+        PyDict_Clear(pending);
+        PyDict_Clear(recent);
+        PyDict_Clear(recent_old);
     }
     Py_XSETREF(cvar, Py_NewRef(a_cvar));
     Py_XSETREF(recorder, Py_NewRef(a_recorder));
     Py_XSETREF(live, Py_NewRef(a_live));
     Py_XSETREF(root, Py_NewRef(a_root));
-    Py_XSETREF(finished, Py_NewRef(a_finished));
-    Py_XSETREF(finished_append, append);
     Py_XSETREF(clock_fn, Py_NewRef(a_clock));
     Py_XSETREF(compile_state, Py_NewRef(a_state));
     Py_XSETREF(compile_dict, PyModule_Check(a_state) ? Py_NewRef(PyModule_GetDict(a_state)) : NULL);
     Py_XSETREF(events, Py_NewRef(a_events));
     Py_XSETREF(resolve, a_resolve);
-    max_finished = a_max;
+    max_finished = a_max > 0 ? a_max : 1;
     Py_RETURN_NONE;
 }
 
@@ -412,10 +610,14 @@ static PyObject *monotonic_ns(PyObject *module, PyObject *unused) {
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "Set the state the hot path reads (called by otel_ml.timing.install)."},
+    {"drain", drain, METH_O,
+     "Append the regions finished since the last call to ``finished``, as entry lists, in the "
+     "order they finished; return how many were dropped meanwhile (buffer full)."},
+    {"finish", finish, METH_O, "Queue a ready entry list among the finished regions, in order."},
     {"top", top, METH_NOARGS,
-     "The innermost open region entry of this thread or task, or None (from its context's Cell)."},
-    {"monotonic_ns", monotonic_ns, METH_NOARGS,
-     "The clock used when configured with clock=None (CLOCK_MONOTONIC, in ns)."},
+     "The entry of the innermost open region of this thread or task (a placeholder list with its "
+     "node, filled in when it finishes), or None."},
+    {"monotonic_ns", monotonic_ns, METH_NOARGS, "The clock used when configured with clock=None (ns)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -427,21 +629,19 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__cregion(void) {
     str_flag = PyUnicode_InternFromString("_is_compiling_flag");
     str_record = PyUnicode_InternFromString("record");
-    str_finish = PyUnicode_InternFromString("finish");
     zero_float = PyFloat_FromDouble(0.0);
-    if (!str_flag || !str_record || !str_finish || !zero_float) return NULL;
+    pending = PyDict_New();
+    recent = PyDict_New();
+    recent_old = PyDict_New();
+    if (!str_flag || !str_record || !zero_float || !pending || !recent || !recent_old) return NULL;
     /* Not live until configure(): every region is a no-op. */
-    cvar = NULL;
     recorder = Py_NewRef(Py_None);
     live = Py_NewRef(Py_None);
     root = Py_NewRef(Py_None);
-    finished = NULL;
-    finished_append = NULL;
     clock_fn = Py_NewRef(Py_None);
-    compile_state = NULL;
-    compile_dict = NULL;
     events = Py_NewRef(Py_None);
     resolve = Py_NewRef(Py_None);
+    max_finished = 1 << 18;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) return NULL;
     CellType = (PyTypeObject *)PyType_FromSpec(&cell_spec);

@@ -85,6 +85,7 @@ class Aggregator:
     def process(self) -> None:
         """Drain finished regions and closed steps (safe from any thread; serialised)."""
         with self._lock:
+            self.recorder.collect()
             for hook in self.before:
                 hook()
             self._drain_finished()

@@ -155,12 +155,23 @@ class Recorder:
             install(self)
 
     def finish(self, entry: list) -> None:
+        """Queue a finished entry made outside a region (module backward regions)."""
+        if _cregion is not None:
+            _cregion.finish(entry)  # behind the C regions that finished before it
+            return
         finished = self.finished
         if len(finished) >= MAX_FINISHED:
             if self._on_drop is not None:
                 self._on_drop(1)
             return
         finished.append(entry)
+
+    def collect(self) -> None:
+        """Move the regions the C hot path finished into ``finished`` (export thread)."""
+        if _cregion is not None and (_recorder is self or _recorder is None):
+            dropped = _cregion.drain(self.finished)
+            if dropped and self._on_drop is not None:
+                self._on_drop(dropped)
 
     def step_end(self, step: int | None = None, values: Mapping[str, Any] | None = None) -> None:
         """Close the current step window explicitly (switches off the windows implied by log())."""
@@ -220,7 +231,6 @@ def _configure_c() -> None:
         recorder=_recorder,
         live=_live,
         root=_root,
-        finished=_finished,
         clock=None if native else _clock,
         compile_state=_compile_state,
         events=None if _recorder is None else _recorder.events,

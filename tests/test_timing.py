@@ -405,12 +405,17 @@ def test_regions_free_what_they_allocate():
         outer, inner = otel_ml.span("leak/outer"), otel_ml.span("inner")
 
         def run(n):
-            for _ in range(n):
+            for i in range(n):
                 with outer, inner:
                     pass
                 with pytest.raises(ValueError), outer:
                     raise ValueError
-            recorder.finished.clear()
+                if i % 100 == 0:  # what the export thread does
+                    recorder.collect()
+                    recorder.finished.clear()
+            for _ in range(3):  # a drain keeps the previous one's entries for late children
+                recorder.collect()
+                recorder.finished.clear()
 
         run(1_000)  # warm up: caches, the path tree, interned objects
         before = sys.getallocatedblocks()
@@ -428,6 +433,7 @@ def test_region_timestamps_read_the_same_clock_as_perf_counter_ns():
         with otel_ml.span("clock"):
             pass
         after = time.perf_counter_ns()
+        recorder.collect()
         (entry,) = recorder.finished
         assert before <= entry[timing.START] <= entry[timing.END] <= after
     finally:
@@ -458,3 +464,40 @@ def test_the_python_regions_pass_the_region_tests_too():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def test_regions_past_the_queue_bound_are_dropped_and_counted(monkeypatch):
+    drops = []
+    monkeypatch.setattr(timing, "MAX_FINISHED", 10)  # read by install() and by PyRegion
+    recorder = timing.Recorder(PathTree(), on_drop=drops.append)
+    timing.install(recorder)
+    try:
+        for _ in range(15):  # the export thread is late: nothing drains meanwhile
+            with otel_ml.span("busy"):
+                pass
+        recorder.collect()
+        assert len(recorder.finished) == 10
+        assert sum(drops) == 5
+    finally:
+        timing.install(None)
+
+
+def test_nesting_deeper_than_the_stack_bound_keeps_the_outer_levels_and_balance():
+    recorder = timing.Recorder(PathTree(max_paths=1_000))
+    aggregator = Aggregator(recorder, TracerProvider().get_tracer("t"), {"rank": "0", "run_id": "r"})
+    timing.install(recorder)
+    try:
+        regions = [otel_ml.span(f"d{i}") for i in range(300)]
+        for region in regions:
+            region.__enter__()
+        for region in reversed(regions):
+            region.__exit__(None, None, None)
+        assert timing.current_path() is None
+        with otel_ml.span("after"):
+            assert timing.current_path() == "after"  # at the root again
+        aggregator.process()
+        assert "after" in {n.path for n in aggregator.stats}
+        depths = sorted(n.depth for n in aggregator.stats if n.path != "after")
+        assert depths == list(range(1, 257 if timing.ACCELERATED else 301))  # C keeps 256 levels
+    finally:
+        timing.install(None)
