@@ -59,8 +59,8 @@ ACCELERATED = _cregion is not None
 # An entry is a list (the cheapest mutable record): these are its slots.
 NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU = range(11)
 
-# The innermost open entry of this thread or task: the entry itself for PyRegion, a Cell holding it
-# (``cell.top``) for the C regions, which set the variable once per context (see _cregion.c).
+# The innermost open region of this thread or task: its entry for PyRegion; for the C regions a
+# Cell holding the context's stack of open records, set once per context (see _cregion.c).
 _current: ContextVar[Any] = ContextVar("otel_ml_region", default=None)
 # Bound methods fetched once: the hot path indexes entries by number (see the slot names above).
 _get = _current.get
