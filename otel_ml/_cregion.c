@@ -4,27 +4,23 @@
  * in Python costs about 20 us there (bytecode, frames, globals lookups, allocations) against
  * 0.7 us in a tight loop (benchmarks/bench_modules.py). Here a region allocates nothing on the
  * training thread: it pushes a C record on its context's stack and, on exit, moves it into a
- * buffer. The export thread turns the buffer into the entry lists ``PyRegion`` (otel_ml/timing.py)
- * makes, in the order regions finished, with ``drain()``; the aggregator cannot tell them apart.
+ * queue (_cregion_queue.c). The export thread turns the queue into the entry lists ``PyRegion``
+ * (otel_ml/timing.py) makes, in the order regions finished, with ``drain()``; the aggregator
+ * cannot tell them apart.
  * ``PyRegion`` stays as the fallback (no compiler, another interpreter, OTEL_ML_PURE_PYTHON=1) and
  * for TorchDynamo, which cannot trace C methods. The tests run both (tests/test_timing.py).
  *
  * Nesting: the context variable holds a Cell per context (thread, asyncio task), set once, not
  * per region. A context copied from another (a new task) inherits the cell: it sees that it does
  * not own it (the owner is the context object) and makes its own, whose regions nest under the
- * inherited cell's innermost open region. A parent is named by its record id; the entry list of a
- * parent that has not finished yet is a placeholder, filled in when it finishes (``pending``).
+ * inherited cell's innermost open region. A parent is named by its record id.
  *
  * Everything here runs under the GIL. State is set by ``configure()`` (``timing.install()``).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
+#include "_cregion.h"
 #include <structmember.h>
 #include <time.h>
 
-/* Slots of an entry: keep in step with NODE, START, ... in otel_ml/timing.py. */
-enum { NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU, SLOTS };
 #define MAX_DEPTH 256 /* open regions per context; deeper ones are not recorded */
 
 typedef struct {
@@ -33,13 +29,6 @@ typedef struct {
     long long start;
     int closed; /* closed out of order: finished, waiting for the regions above it */
 } Open;
-
-typedef struct {
-    uint64_t id, parent_id;
-    PyObject *node, *region, *error, *ev_start, *ev_end; /* strong or NULL */
-    PyObject *entry; /* a ready entry list (module backward regions), or NULL */
-    long long start, end;
-} Done;
 
 static PyObject *cvar;           /* the ContextVar holding this context's Cell */
 static PyObject *recorder;       /* installed Recorder, or None */
@@ -50,14 +39,8 @@ static PyObject *compile_state;  /* holder of _is_compiling_flag */
 static PyObject *compile_dict;   /* its __dict__ when it is a module (a faster read), else NULL */
 static PyObject *events;         /* CUDA event pool or None */
 static PyObject *resolve;        /* live.tree.resolve, or None */
-static PyObject *pending;        /* record id -> entry list of a region not finished yet */
-static PyObject *recent;         /* record id -> entry of a region finished in this drain */
-static PyObject *recent_old;     /* ... and in the one before (children closed after it) */
-static PyObject *str_flag, *str_record, *zero_float;
+static PyObject *str_flag, *str_record;
 static uint64_t next_id;
-static Done *buffer, *spare;     /* finished records; drain() swaps them */
-static Py_ssize_t buffer_len, buffer_cap, spare_cap, max_finished, dropped;
-static int draining;
 
 static long long now_ns(void) {
     if (clock_fn == Py_None) {
@@ -70,37 +53,6 @@ static long long now_ns(void) {
     long long ns = PyLong_AsLongLong(value);
     Py_DECREF(value);
     return ns;
-}
-
-static void release_done(Done *d) {
-    Py_XDECREF(d->node);
-    Py_XDECREF(d->region);
-    Py_XDECREF(d->error);
-    Py_XDECREF(d->ev_start);
-    Py_XDECREF(d->ev_end);
-    Py_XDECREF(d->entry);
-}
-
-/* Take a finished record (its references too); full: count a drop. */
-static void push_done(Done *d) {
-    if (buffer_len >= max_finished) {
-        dropped++;
-        release_done(d);
-        return;
-    }
-    if (buffer_len == buffer_cap) {
-        Py_ssize_t cap = buffer_cap ? buffer_cap * 2 : 1024;
-        if (cap > max_finished) cap = max_finished;
-        Done *grown = cap > buffer_cap ? PyMem_Realloc(buffer, cap * sizeof(Done)) : NULL;
-        if (grown == NULL) {
-            dropped++;
-            release_done(d);
-            return;
-        }
-        buffer = grown;
-        buffer_cap = cap;
-    }
-    buffer[buffer_len++] = *d;
 }
 
 /* ------------------------------------------------------------------ Cell */
@@ -389,7 +341,7 @@ static PyObject *rb_exit(RegionBase *self, PyObject *const *args, Py_ssize_t nar
     rec->closed = 1;
     while (cell->depth > 0 && cell->stack[cell->depth - 1].closed) cell->depth--;
     Py_DECREF(cell);
-    push_done(&done);
+    queue_push(&done);
     Py_RETURN_FALSE;
 }
 
@@ -425,126 +377,6 @@ static PyType_Spec rb_spec = {
     .slots = rb_slots,
 };
 
-/* ------------------------------------------------------------------ entries (export thread) */
-
-static PyObject *new_entry(void) {
-    PyObject *entry = PyList_New(SLOTS);
-    if (entry == NULL) return NULL;
-    for (int i = 0; i < SLOTS; i++) PyList_SET_ITEM(entry, i, Py_NewRef(i == CHILD ? zero_float : Py_None));
-    return entry;
-}
-
-static inline void put(PyObject *entry, Py_ssize_t i, PyObject *value) { /* steals value */
-    PyObject *old = PyList_GET_ITEM(entry, i);
-    PyList_SET_ITEM(entry, i, value);
-    Py_XDECREF(old);
-}
-
-/* The entry list of region ``id`` (borrowed): a finished one, or a placeholder until it finishes. */
-static PyObject *entry_for(uint64_t id, PyObject *node) {
-    PyObject *key = PyLong_FromUnsignedLongLong(id);
-    if (key == NULL) return NULL;
-    PyObject *entry = PyDict_GetItemWithError(recent, key);
-    if (entry == NULL && !PyErr_Occurred()) entry = PyDict_GetItemWithError(recent_old, key);
-    if (entry == NULL && !PyErr_Occurred()) entry = PyDict_GetItemWithError(pending, key);
-    if (entry == NULL && !PyErr_Occurred()) {
-        entry = new_entry();
-        if (entry != NULL) {
-            if (node != NULL) put(entry, NODE, Py_NewRef(node));
-            int failed = PyDict_SetItem(pending, key, entry);
-            Py_DECREF(entry); /* the dict keeps it */
-            if (failed) entry = NULL;
-        }
-    }
-    Py_DECREF(key);
-    return entry;
-}
-
-/* Fill a finished record's entry (new reference), taking the record's references. */
-static PyObject *finish_entry(Done *d) {
-    PyObject *key = PyLong_FromUnsignedLongLong(d->id);
-    if (key == NULL) return NULL;
-    PyObject *entry = PyDict_GetItemWithError(pending, key);
-    if (entry != NULL) {
-        Py_INCREF(entry);
-        if (PyDict_DelItem(pending, key) < 0) goto fail;
-    } else if (PyErr_Occurred() || (entry = new_entry()) == NULL) {
-        goto fail;
-    }
-    PyObject *parent = d->parent_id ? entry_for(d->parent_id, NULL) : Py_None;
-    PyObject *start = PyLong_FromLongLong(d->start), *end = PyLong_FromLongLong(d->end);
-    if (parent == NULL || start == NULL || end == NULL) {
-        Py_XDECREF(start);
-        Py_XDECREF(end);
-        goto fail;
-    }
-    put(entry, NODE, d->node);
-    put(entry, START, start);
-    put(entry, END, end);
-    put(entry, PARENT, Py_NewRef(parent));
-    put(entry, REGION, d->region);
-    put(entry, ERROR, d->error ? d->error : Py_NewRef(Py_None));
-    put(entry, EV_START, d->ev_start ? d->ev_start : Py_NewRef(Py_None));
-    put(entry, EV_END, d->ev_end ? d->ev_end : Py_NewRef(Py_None));
-    d->node = d->region = d->error = d->ev_start = d->ev_end = NULL;
-    if (PyDict_SetItem(recent, key, entry) < 0) {
-        Py_DECREF(entry);
-        entry = NULL;
-    }
-    Py_DECREF(key);
-    return entry;
-fail:
-    Py_XDECREF(entry);
-    Py_DECREF(key);
-    return NULL;
-}
-
-static void drop_buffered(void) {
-    for (Py_ssize_t i = 0; i < buffer_len; i++) release_done(&buffer[i]);
-    buffer_len = 0;
-}
-
-static PyObject *drain(PyObject *module, PyObject *finished) {
-    if (draining) return PyLong_FromLong(0);
-    Done *mine = buffer;
-    Py_ssize_t n = buffer_len, mine_cap = buffer_cap, lost = dropped;
-    buffer = spare, buffer_cap = spare_cap, buffer_len = 0, dropped = 0;
-    spare = NULL, spare_cap = 0;
-    draining = 1;
-    PyObject *older = recent_old; /* forget the entries of two drains ago */
-    recent_old = recent;
-    recent = older;
-    PyDict_Clear(recent);
-    PyObject *append = PyObject_GetAttrString(finished, "append");
-    for (Py_ssize_t i = 0; i < n; i++) {
-        Done *d = &mine[i];
-        if (append != NULL && !PyErr_Occurred()) { /* after an error: release the rest */
-            PyObject *entry = d->entry ? Py_NewRef(d->entry) : finish_entry(d);
-            PyObject *ok = entry ? PyObject_CallOneArg(append, entry) : NULL;
-            Py_XDECREF(entry);
-            Py_XDECREF(ok);
-        }
-        release_done(d);
-    }
-    Py_XDECREF(append);
-    if (PyDict_GET_SIZE(pending) > max_finished) PyDict_Clear(pending); /* never finished */
-    if (spare == NULL) {
-        spare = mine, spare_cap = mine_cap;
-    } else {
-        PyMem_Free(mine);
-    }
-    draining = 0;
-    if (PyErr_Occurred()) return NULL;
-    return PyLong_FromSsize_t(lost);
-}
-
-static PyObject *finish(PyObject *module, PyObject *entry) {
-    Done done = {0};
-    done.entry = Py_NewRef(entry);
-    push_done(&done);
-    Py_RETURN_NONE;
-}
-
 static PyObject *top(PyObject *module, PyObject *unused) {
     if (cvar == NULL) Py_RETURN_NONE;
     PyObject *value = current_cell(1);
@@ -553,7 +385,7 @@ static PyObject *top(PyObject *module, PyObject *unused) {
     Open *rec = innermost(cell);
     PyObject *entry = Py_None;
     if (rec != NULL || cell->base_id != 0)
-        entry = rec ? entry_for(rec->id, rec->node) : entry_for(cell->base_id, cell->base_node);
+        entry = rec ? queue_entry_for(rec->id, rec->node) : queue_entry_for(cell->base_id, cell->base_node);
     Py_XINCREF(entry);
     Py_DECREF(value);
     return entry;
@@ -582,12 +414,7 @@ static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwds) {
         Py_DECREF(tree);
         if (a_resolve == NULL) return NULL;
     }
-    if (a_recorder != Py_None && a_recorder != recorder) { /* another recorder: not its regions */
-        drop_buffered();
-        PyDict_Clear(pending);
-        PyDict_Clear(recent);
-        PyDict_Clear(recent_old);
-    }
+    if (a_recorder != Py_None && a_recorder != recorder) queue_reset(); /* not its regions */
     Py_XSETREF(cvar, Py_NewRef(a_cvar));
     Py_XSETREF(recorder, Py_NewRef(a_recorder));
     Py_XSETREF(live, Py_NewRef(a_live));
@@ -597,7 +424,7 @@ static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwds) {
     Py_XSETREF(compile_dict, PyModule_Check(a_state) ? Py_NewRef(PyModule_GetDict(a_state)) : NULL);
     Py_XSETREF(events, Py_NewRef(a_events));
     Py_XSETREF(resolve, a_resolve);
-    max_finished = a_max > 0 ? a_max : 1;
+    queue_set_max(a_max);
     Py_RETURN_NONE;
 }
 
@@ -610,10 +437,10 @@ static PyObject *monotonic_ns(PyObject *module, PyObject *unused) {
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "Set the state the hot path reads (called by otel_ml.timing.install)."},
-    {"drain", drain, METH_O,
+    {"drain", queue_drain, METH_O,
      "Append the regions finished since the last call to ``finished``, as entry lists, in the "
      "order they finished; return how many were dropped meanwhile (buffer full)."},
-    {"finish", finish, METH_O, "Queue a ready entry list among the finished regions, in order."},
+    {"finish", queue_finish, METH_O, "Queue a ready entry list among the finished regions, in order."},
     {"top", top, METH_NOARGS,
      "The entry of the innermost open region of this thread or task (a placeholder list with its "
      "node, filled in when it finishes), or None."},
@@ -629,11 +456,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC PyInit__cregion(void) {
     str_flag = PyUnicode_InternFromString("_is_compiling_flag");
     str_record = PyUnicode_InternFromString("record");
-    zero_float = PyFloat_FromDouble(0.0);
-    pending = PyDict_New();
-    recent = PyDict_New();
-    recent_old = PyDict_New();
-    if (!str_flag || !str_record || !zero_float || !pending || !recent || !recent_old) return NULL;
+    if (!str_flag || !str_record || queue_init() < 0) return NULL;
     /* Not live until configure(): every region is a no-op. */
     recorder = Py_NewRef(Py_None);
     live = Py_NewRef(Py_None);
@@ -641,7 +464,6 @@ PyMODINIT_FUNC PyInit__cregion(void) {
     clock_fn = Py_NewRef(Py_None);
     events = Py_NewRef(Py_None);
     resolve = Py_NewRef(Py_None);
-    max_finished = 1 << 18;
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) return NULL;
     CellType = (PyTypeObject *)PyType_FromSpec(&cell_spec);
