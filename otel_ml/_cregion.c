@@ -428,12 +428,6 @@ static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwds) {
     Py_RETURN_NONE;
 }
 
-static PyObject *monotonic_ns(PyObject *module, PyObject *unused) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
-}
-
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "Set the state the hot path reads (called by otel_ml.timing.install)."},
@@ -444,7 +438,6 @@ static PyMethodDef module_methods[] = {
     {"top", top, METH_NOARGS,
      "The entry of the innermost open region of this thread or task (a placeholder list with its "
      "node, filled in when it finishes), or None."},
-    {"monotonic_ns", monotonic_ns, METH_NOARGS, "The clock used when configured with clock=None (ns)."},
     {NULL, NULL, 0, NULL},
 };
 
