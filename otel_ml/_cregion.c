@@ -31,7 +31,7 @@ typedef struct {
 } Open;
 
 static PyObject *cvar;           /* the ContextVar holding this context's Cell */
-static PyObject *recorder;       /* installed Recorder, or None */
+static PyObject *recorder;       /* installed Recorder, or None: a new one empties the queue */
 static PyObject *live;           /* the recorder when installed and enabled, or None */
 static PyObject *root;           /* its tree's root PathNode, or None */
 static PyObject *clock_fn;       /* None: CLOCK_MONOTONIC, which is time.perf_counter_ns on Linux */

@@ -362,7 +362,7 @@ if _cregion is not None:
         """A named region: context manager (sync and async) and decorator. Get one with :func:`span`.
 
         ``__enter__`` and ``__exit__`` are written in C (``otel_ml/_cregion.c``): between a step's
-        kernels they cost about half of :class:`PyRegion`'s (``benchmarks/bench_modules.py``).
+        kernels they cost 5-9 µs against :class:`PyRegion`'s 20 (``benchmarks/bench_modules.py``).
         The object holds no per-call state, so one instance serves every thread and nesting level.
 
         Example::
