@@ -27,7 +27,7 @@ class Discard(SpanExporter):
 def machine_facts(*packages: str) -> str:
     """Python, torch (and its thread count), CPUs, kernel, otel_ml, the OTel SDK and ``packages``."""
     import otel_ml
-    from otel_ml.timing import ACCELERATED
+    from otel_ml.regions.recorder import ACCELERATED
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     cpu = next(

@@ -74,7 +74,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 from torch import nn  # noqa: E402
 
 import otel_ml  # noqa: E402
-from otel_ml.regions import Aggregator  # noqa: E402
+from otel_ml.regions.aggregator import Aggregator  # noqa: E402
 
 VOCAB, MANUAL, BLOCK, STEP_MS, TARGET_PCT, EVERY = 1000, 10, 20, 10.0, 1.0, 100
 LABELS = {

@@ -45,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from otel_ml.cli import endpoint_files, file_sd_targets
+from otel_ml.cli.main import endpoint_files, file_sd_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yaml"))

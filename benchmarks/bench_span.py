@@ -45,8 +45,8 @@ from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: E402
 
 import otel_ml  # noqa: E402
-from otel_ml.regions import Aggregator  # noqa: E402
-from otel_ml.sampling import TraceSampler  # noqa: E402
+from otel_ml.regions.aggregator import Aggregator  # noqa: E402
+from otel_ml.regions.sampling import TraceSampler  # noqa: E402
 
 Case = Callable[[int], float]  # runs n iterations, returns elapsed seconds
 TARGET_US, TARGET_RATIO, BATCH = 1.0, 20.0, 1000

@@ -13,10 +13,9 @@ Example::
 from otel_ml._version import __version__
 from otel_ml.anomaly import Anomaly, AnomalyError, on_anomaly
 from otel_ml.config import Config
-from otel_ml.modules import ModuleTracer, trace_modules
 from otel_ml.progress import tqdm, trange
+from otel_ml.regions import ModuleTracer, Region, span, step_end, trace_modules
 from otel_ml.runtime import Telemetry, flush, get_telemetry, init, log, shutdown
-from otel_ml.timing import Region, span, step_end
 
 __all__ = [
     "Anomaly",

@@ -3,7 +3,7 @@
 The OTel SDK's ``Histogram.record`` costs about 7 µs per observation here. Region timings
 arrive by the thousand per second, so they are aggregated in plain Python on the export thread
 (a bisect and two additions, well under a microsecond) and handed to the readers as a finished
-cumulative OTel ``Metric`` at collection time (see :meth:`otel_ml.pipeline.Pipeline.add_metric_source`).
+cumulative OTel ``Metric`` at collection time (a metric source of :class:`otel_ml.collection.Collection`).
 Prometheus and OTLP then see an ordinary histogram.
 
 Example::

@@ -1,113 +1,49 @@
-"""One MeterProvider and one TracerProvider per process, feeding every destination.
+"""One MeterProvider and one TracerProvider per process, and the pump thread that feeds destinations.
 
-* Prometheus pulls through a :class:`PrometheusMetricReader` on each scrape.
-* Push destinations (OTLP, files) get metrics from an on-demand reader that the pump thread
-  collects every ``metric_export_interval``, and spans from :class:`_FanOutSpanProcessor`, which
-  only appends finished spans to each destination's bounded queue.
-* The pump thread also runs periodic jobs (step spans, port files) so that no file or network
-  I/O ever happens on the training thread.
+* Prometheus pulls through :class:`otel_ml.exporters.exposition.ExpositionReader` on each scrape
+  (given to :class:`Pipeline` as one of its readers).
+* Push destinations (OTLP, files) get metrics from a :class:`otel_ml.collection.PullReader` that
+  the :class:`Pump` thread reads every ``metric_export_interval``, and spans from
+  :class:`_FanOutSpanProcessor`, which only appends finished spans to each destination's
+  bounded queue.
+* The pump also runs the periodic jobs it is built with (region aggregation, deferred values,
+  the endpoint file), so that no file or network I/O ever happens on the training thread.
 
-``shutdown(timeout)`` is bounded: the final collection and flush get what is left of the
+``Pump.shutdown(timeout)`` is bounded: the final collection and flush get what is left of the
 timeout, and a destination that hangs is abandoned (its thread is a daemon).
 
 Example::
 
-    pipeline = Pipeline(resource, sinks=[FileSink(run_dir, 0)], interval=15.0)
+    pipeline = Pipeline(resource, collection, sinks=[FileSink(run_dir, 0)])
     pipeline.meter.create_observable_gauge(...)
-    pipeline.start()
-    pipeline.shutdown(timeout=5.0)
+    pump = Pump(pipeline, jobs=[aggregate], interval=15.0)
+    pump.start()
+    pump.shutdown(timeout=5.0)
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import Metric, MetricReader, MetricsData, ResourceMetrics, ScopeMetrics
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otel_ml import __version__, semconv
+from otel_ml import semconv
 from otel_ml._logging import logger, warn_once
-from otel_ml.exporters._worker import Sink, SinkWorker
+from otel_ml._version import __version__
+from otel_ml.collection import Collection, PullReader
+from otel_ml.exporters._worker import SinkWorker
+from otel_ml.exporters.sink import Sink
 from otel_ml.health import TelemetryHealth
 
 #: How often the pump thread runs its periodic jobs, in seconds.
 TICK = 0.5
 
-
-MetricSource = Callable[[], Iterable[Metric]]
-
-
-class MetricSources:
-    """Metrics otel_ml aggregates itself, added to every collection of its readers.
-
-    Region timings are aggregated outside the OTel SDK (see :mod:`otel_ml.histogram`); each
-    source returns finished OTel ``Metric`` objects, which :meth:`augment` places in the
-    ``otel_ml`` scope of the collected data, so Prometheus, OTLP and files all see them.
-
-    Example::
-
-        sources = MetricSources()
-        sources.add(lambda: [histograms.to_metric(...)])
-        data = sources.augment(data)
-    """
-
-    def __init__(self) -> None:
-        self._sources: list[MetricSource] = []
-        self._scope = InstrumentationScope(semconv.SCOPE, __version__)
-
-    def add(self, source: MetricSource) -> None:
-        self._sources.append(source)
-
-    def augment(self, data: MetricsData | None) -> MetricsData | None:
-        if data is None or not self._sources or not data.resource_metrics:
-            return data
-        extra: list[Metric] = []
-        for source in self._sources:
-            try:
-                extra.extend(m for m in source() if m is not None)
-            except Exception as exc:  # noqa: BLE001 - a broken source must not break collection
-                logger.warning("otel_ml: metric source %s failed: %s", source, exc)
-        if not extra:
-            return data
-        first, *rest = data.resource_metrics
-        scopes = list(first.scope_metrics)
-        for index, scope_metrics in enumerate(scopes):
-            if scope_metrics.scope.name == semconv.SCOPE:
-                scopes[index] = ScopeMetrics(
-                    scope_metrics.scope, [*scope_metrics.metrics, *extra], scope_metrics.schema_url
-                )
-                break
-        else:
-            scopes.append(ScopeMetrics(self._scope, extra, ""))
-        return MetricsData([ResourceMetrics(first.resource, scopes, first.schema_url), *rest])
-
-
-class OnDemandReader(MetricReader):
-    """A pull reader: :meth:`read` collects now and returns the data (used by the pump thread)."""
-
-    def __init__(self, sources: MetricSources | None = None) -> None:
-        super().__init__()
-        self._data: MetricsData | None = None
-        self._sources = sources or MetricSources()
-
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        self._data = self._sources.augment(metrics_data)
-
-    def read(self) -> MetricsData | None:
-        self._data = None
-        self.collect()
-        return self._data
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        return None
+Job = Callable[[], None]
 
 
 class _FanOutSpanProcessor(SpanProcessor):
@@ -126,65 +62,45 @@ class _FanOutSpanProcessor(SpanProcessor):
 
 
 class Pipeline:
-    """Providers, readers, destination workers and the pump thread of one process.
+    """Providers, readers and destination workers of one process.
+
+    ``collection`` is what every otel_ml reader runs around the SDK's own collection (prepare
+    hooks, own metrics): the push reader made here and the readers passed in share it.
 
     Example::
 
-        pipeline = Pipeline(Resource.create({}), sinks=[], interval=15.0)
+        pipeline = Pipeline(Resource.create({}), Collection(), sinks=[])
     """
 
     def __init__(
         self,
         resource: Resource,
+        collection: Collection,
         *,
         sinks: Sequence[Sink] = (),
-        extra_readers: Sequence[MetricReader] = (),
-        interval: float = 15.0,
+        readers: Sequence[MetricReader] = (),
         span_queue_size: int = 2048,
         span_delay: float = 5.0,
         health: TelemetryHealth | None = None,
-        sources: MetricSources | None = None,
     ) -> None:
         self.health = health or TelemetryHealth()
-        self.sources = sources or MetricSources()
-        self.interval = interval
+        self.collection = collection
         self.workers = [
             SinkWorker(s, self.health, span_queue_size=span_queue_size, span_delay=span_delay) for s in sinks
         ]
-        self._push_reader = OnDemandReader(self.sources) if self.workers else None
-        readers = [*extra_readers, *([self._push_reader] if self._push_reader else [])]
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
+        self._push_reader = PullReader(collection) if self.workers else None
+        all_readers = [*readers, *([self._push_reader] if self._push_reader else [])]
+        self.meter_provider = MeterProvider(
+            resource=resource, metric_readers=all_readers, shutdown_on_exit=False
+        )
         self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         if self.workers:
             self.tracer_provider.add_span_processor(_FanOutSpanProcessor(self.workers))
         self.meter = self.meter_provider.get_meter(semconv.SCOPE, __version__)
         self.tracer = self.tracer_provider.get_tracer(semconv.SCOPE, __version__)
-        self._jobs: list[Callable[[], None]] = []
-        self._once: list[Callable[[], None]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name="otel-ml-pump", daemon=True)
-        self._started = False
 
-    def add_job(self, job: Callable[[], None], *, once: bool = False) -> None:
-        """Run ``job`` on the pump thread: once at start, or on every tick and at shutdown."""
-        (self._once if once else self._jobs).append(job)
-
-    def start(self) -> None:
-        for worker in self.workers:
-            worker.start()
-        self._thread.start()
-        self._started = True
-
-    def _run_jobs(self, jobs: Sequence[Callable[[], None]]) -> None:
-        for job in jobs:
-            try:
-                job()
-            except Exception as exc:  # noqa: BLE001 - a failing job must not stop the pump
-                name = getattr(job, "__name__", repr(job))
-                self.health.error("jobs")  # counted every time, logged once per job
-                warn_once(f"job:{name}", "otel_ml: background job %s failed: %r (logged once)", name, exc)
-
-    def _push_metrics(self) -> None:
+    def push_metrics(self) -> None:
+        """Collect once and hand the data to every push destination (pump thread)."""
         if self._push_reader is None:
             return
         try:
@@ -197,31 +113,15 @@ class Pipeline:
             for worker in self.workers:
                 worker.submit_metrics(data)
 
-    def _pump(self) -> None:
-        self._run_jobs(self._once)
-        next_push = time.monotonic() + self.interval
-        # Wake for the next push when it comes before the next tick (intervals below TICK).
-        while not self._stop.wait(max(0.0, min(TICK, next_push - time.monotonic()))):
-            self._run_jobs(self._jobs)
-            if time.monotonic() >= next_push:
-                self._push_metrics()
-                next_push = time.monotonic() + self.interval
+    def start_workers(self) -> None:
+        for worker in self.workers:
+            worker.start()
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Run the jobs, push metrics now and wait for the destinations (bounded)."""
-        deadline = time.monotonic() + timeout
-        self._run_jobs(self._jobs)
-        self._push_metrics()
+    def flush_workers(self, deadline: float) -> bool:
         return all(worker.flush(deadline) for worker in self.workers)
 
-    def shutdown(self, timeout: float = 5.0) -> bool:
-        """Stop the pump, flush once more and stop the workers, all within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        self._stop.set()
-        if self._started:
-            self._thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
-            self._run_jobs(self._jobs)
-            self._push_metrics()
+    def shutdown(self, deadline: float) -> bool:
+        """Stop the workers and the providers by ``deadline`` (a ``time.monotonic()`` value)."""
         for worker in self.workers:
             worker.request_stop()
         ok = all([worker.join(deadline) for worker in self.workers])
@@ -231,3 +131,76 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001
             logger.debug("otel_ml: provider shutdown: %s", exc)
         return ok
+
+
+class Pump:
+    """The background thread of one process: periodic jobs every tick, metric pushes on interval.
+
+    ``jobs`` run on every tick (``TICK`` seconds), at :meth:`flush` and at :meth:`shutdown`;
+    ``once`` jobs run when the thread starts. A failing job is counted every time in
+    ``otel_ml_export_errors_total{exporter="jobs"}`` and logged once.
+
+    Example::
+
+        pump = Pump(pipeline, jobs=[aggregator.process], interval=15.0)
+        pump.start()
+        pump.shutdown(5.0)
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        jobs: Sequence[Job] = (),
+        once: Sequence[Job] = (),
+        interval: float = 15.0,
+    ) -> None:
+        self.pipeline = pipeline
+        self.health = pipeline.health
+        self.interval = interval
+        self._jobs = tuple(jobs)
+        self._once = tuple(once)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="otel-ml-pump", daemon=True)
+        self._started = False
+
+    def start(self) -> None:
+        self.pipeline.start_workers()
+        self._thread.start()
+        self._started = True
+
+    def _run_jobs(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            try:
+                job()
+            except Exception as exc:  # noqa: BLE001 - a failing job must not stop the pump
+                name = getattr(job, "__name__", repr(job))
+                self.health.error("jobs")  # counted every time, logged once per job
+                warn_once(f"job:{name}", "otel_ml: background job %s failed: %r (logged once)", name, exc)
+
+    def _run(self) -> None:
+        self._run_jobs(self._once)
+        next_push = time.monotonic() + self.interval
+        # Wake for the next push when it comes before the next tick (intervals below TICK).
+        while not self._stop.wait(max(0.0, min(TICK, next_push - time.monotonic()))):
+            self._run_jobs(self._jobs)
+            if time.monotonic() >= next_push:
+                self.pipeline.push_metrics()
+                next_push = time.monotonic() + self.interval
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Run the jobs, push metrics now and wait for the destinations (bounded)."""
+        deadline = time.monotonic() + timeout
+        self._run_jobs(self._jobs)
+        self.pipeline.push_metrics()
+        return self.pipeline.flush_workers(deadline)
+
+    def shutdown(self, timeout: float = 5.0) -> bool:
+        """Stop the thread, run the jobs and push once more, then stop the pipeline, within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        if self._started:
+            self._thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
+            self._run_jobs(self._jobs)
+            self.pipeline.push_metrics()
+        return self.pipeline.shutdown(deadline)

@@ -5,6 +5,9 @@ OTLP and file destinations, training metrics. Module-level functions called befo
 (or after ``shutdown()``, or in a forked DataLoader worker) do nothing. ``shutdown()`` also
 runs at exit and is bounded by ``shutdown_timeout``.
 
+Over 400 lines: it is the one wiring object; every link between the components is made here,
+in build order, and nowhere else.
+
 Example::
 
     import otel_ml
@@ -31,25 +34,28 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 
-from otel_ml import progress, ranks, semconv
+from otel_ml import ranks, semconv
 from otel_ml._logging import logger, warn_once
 from otel_ml.anomaly import WATCHED, AnomalyError, AnomalyMonitor
+from otel_ml.collection import Collection
 from otel_ml.config import Config
 from otel_ml.console import Console
-from otel_ml.exporters._worker import Sink
-from otel_ml.exporters.files import FileSink, rank_dir
+from otel_ml.exporters.files import FileSink
 from otel_ml.exporters.otlp import build_otlp_sink
 from otel_ml.exporters.prometheus import MetricsServer, make_reader, server_security
+from otel_ml.exporters.sink import Sink
 from otel_ml.health import TelemetryHealth
-from otel_ml.pipeline import MetricSources, Pipeline
-from otel_ml.progress import register_progress_metrics
-from otel_ml.rankview import PROGRESS_PATH, RankView
+from otel_ml.pipeline import Pipeline, Pump
+from otel_ml.progress.board import board as progress_board
+from otel_ml.progress.metrics import ProgressGauges
+from otel_ml.progress.payload import PROGRESS_PATH, ProgressPayload
+from otel_ml.progress.poller import RankView
+from otel_ml.regions.sampling import StepFlags
+from otel_ml.regions.timekeeper import Timekeeper
+from otel_ml.rundir import ENDPOINT_FILE, rank_dir, resolve, write_private
 from otel_ml.signals import install_sigterm_flush
 from otel_ml.system import register_system_metrics
-from otel_ml.timekeeping import Timekeeper
 from otel_ml.training import TrainingMetrics
-
-ENDPOINT_FILE = "endpoint.json"
 
 
 class Telemetry:
@@ -77,7 +83,7 @@ class Telemetry:
         self.local_rank = cfg.local_rank if cfg.local_rank is not None else detected.local_rank
         self.world_size = cfg.world_size if cfg.world_size is not None else detected.world_size
         self.run_id = cfg.run_id if cfg.run_id is not None else detected.run_id
-        self.run_dir = Path(os.fspath(cfg.run_dir).replace("{run_id}", self.run_id))  # str or Path
+        self.run_dir = resolve(cfg.run_dir, self.run_id)
         self.instance_id = uuid.uuid4().hex
         self.attributes = {semconv.LABEL_RANK: str(self.rank), semconv.LABEL_RUN_ID: self.run_id}
         self.health = TelemetryHealth()
@@ -88,18 +94,26 @@ class Telemetry:
         self.training: TrainingMetrics | None = None
         self.server: MetricsServer | None = None
         self.pipeline: Pipeline | None = None
+        self.pump: Pump | None = None
+        self.payload: ProgressPayload | None = None
+        self.progress_gauges: ProgressGauges | None = None
         self.file_sink: FileSink | None = None
         self.timekeeper: Timekeeper | None = None
         self.rank_view: RankView | None = None
         self.anomalies: AnomalyMonitor | None = None
         self._restore_signals: Callable[[], None] = lambda: None
         self.console = Console()
+        #: The training metrics for the background side; ``training`` is cleared at shutdown so
+        #: that ``log()`` stops, while the final collection still reads these.
+        self._training_state: TrainingMetrics | None = None
         if not cfg.enabled:
             return
 
+        # Build order: everything a part needs exists before it, and is handed to its constructor.
+        collection = Collection()
+        collection.register(prepare=self._before_collect)
         readers: list[MetricReader] = list(metric_readers)
-        sources = MetricSources()
-        prom_reader = make_reader(sources) if cfg.prometheus else None
+        prom_reader = make_reader(collection) if cfg.prometheus else None
         if prom_reader is not None:
             readers.append(prom_reader)
         all_sinks: list[Sink] = list(sinks)
@@ -111,55 +125,56 @@ class Telemetry:
             all_sinks.append(self.file_sink)
         self.pipeline = pipeline = Pipeline(
             self._resource(),
+            collection,
             sinks=all_sinks,
-            extra_readers=readers,
-            interval=cfg.metric_export_interval,
+            readers=readers,
             span_queue_size=cfg.span_queue_size,
             span_delay=cfg.span_export_delay,
             health=self.health,
-            sources=sources,
         )
         self.meter_provider = pipeline.meter_provider
         self.tracer_provider = pipeline.tracer_provider
-        self.meter = pipeline.meter
+        self.meter = meter = pipeline.meter
         self.tracer = pipeline.tracer
-        # The training metrics register the first callback, which refreshes deferred values.
-        self.training = TrainingMetrics(
-            self.meter,
-            self.attributes,
-            window=cfg.throughput_window,
-            max_keys=cfg.max_metric_keys,
-            health=self.health,
-        )
-        register_system_metrics(self.meter, self.attributes)
-        self.health.register(self.meter, self.attributes)
-        progress.board.max_tasks = cfg.max_progress_tasks
-        progress.board.forget_closed()
-        register_progress_metrics(self.meter, self.attributes)
-        self.timekeeper = Timekeeper(
-            cfg,
-            pipeline,
-            self.attributes,
-            {semconv.ATTR_RANK: self.rank, semconv.ATTR_RUN_ID: self.run_id},
-            self.rank,
-            self.run_id,
-            self.health,
-            self.console,
-        )
-        self.training.on_step = self.timekeeper.recorder.implied_step_end
-        aggregator = self.timekeeper.aggregator
-        self.anomalies = AnomalyMonitor(
+        flags = StepFlags()
+        self.anomalies = anomalies = AnomalyMonitor(
             cfg.anomalies,
             self.rank,
             self.run_id,
-            flag_step=aggregator.flag,
-            last_step_time=lambda: self.training.last_log_time if self.training is not None else None,
+            flag_step=flags.flag,
+            last_step_time=self._last_log_time,
         )
-        self.training.watch(WATCHED, self.anomalies.observations)
-        aggregator.before.append(self.anomalies.process)
-        self.anomalies.register(self.meter, self.attributes)
-        pipeline.add_job(self.training.drain_durations)
-        sources.add(self.training.metrics)
+        anomalies.register(meter, self.attributes)
+        self.timekeeper = timekeeper = Timekeeper(
+            cfg,
+            meter,
+            pipeline.tracer,
+            collection,
+            self.attributes,
+            {semconv.ATTR_RANK: self.rank, semconv.ATTR_RUN_ID: self.run_id},
+            rank=self.rank,
+            run_id=self.run_id,
+            health=self.health,
+            console=self.console,
+            flags=flags,
+            before=(anomalies.process,),
+        )
+        self.training = training = TrainingMetrics(
+            meter,
+            self.attributes,
+            collection=collection,
+            watch=(WATCHED, anomalies.observations),
+            window=cfg.throughput_window,
+            max_keys=cfg.max_metric_keys,
+            on_step=timekeeper.recorder.implied_step_end,
+            health=self.health,
+        )
+        self._training_state = training
+        register_system_metrics(meter, self.attributes)
+        self.health.register(meter, self.attributes)
+        progress_board.configure(rank=self.rank, max_tasks=cfg.max_progress_tasks)
+        self.progress_gauges = ProgressGauges(meter, self.attributes, progress_board)
+        self.payload = ProgressPayload(progress_board, self.rank, self.run_id, training)
         security = server_security(cfg) if prom_reader is not None else None
         if prom_reader is not None and security is not None:
             self.server = MetricsServer(
@@ -172,18 +187,23 @@ class Telemetry:
                 tls=security.tls,
                 credentials=security.credentials,
                 max_connections=cfg.prometheus_max_connections,
+                routes={PROGRESS_PATH: self.payload.route},
             )
             if self.server.start() is not None:
                 logger.info("otel_ml: rank %d serves %s", self.rank, self.server.url)
-            self.server.routes[PROGRESS_PATH] = self._progress_route
-        pipeline.add_job(self._write_endpoint_file, once=True)
-        pipeline.start()
+        self.pump = Pump(
+            pipeline,
+            jobs=(training.refresh, timekeeper.tick),
+            once=(self._write_endpoint_file,),
+            interval=cfg.metric_export_interval,
+        )
+        self.pump.start()
         wants_view = cfg.progress_view == "on" or (cfg.progress_view == "auto" and self.world_size > 1)
         if wants_view and self.rank == 0:
             self.rank_view = RankView(
                 self.run_dir,
                 self.world_size,
-                self.progress_payload,
+                self.payload.document,
                 self.console,
                 interval=cfg.progress_view_interval,
                 log_interval=cfg.progress_log_interval,
@@ -193,6 +213,22 @@ class Telemetry:
             _install_globals(self)
         if cfg.handle_signals:
             self._restore_signals = install_sigterm_flush(self.shutdown)
+
+    def _before_collect(self) -> None:
+        """The one prepare hook of every collection, in this order: resolve deferred ``log()``
+        values (which feeds the anomaly queue), aggregate regions (anomaly detection runs first
+        inside, so it can flag the steps it closes), then snapshot the progress board."""
+        training, timekeeper, gauges = self._training_state, self.timekeeper, self.progress_gauges
+        if training is not None:
+            training.refresh()
+        if timekeeper is not None:
+            timekeeper.aggregator.process()
+        if gauges is not None:
+            gauges.prepare()
+
+    def _last_log_time(self) -> float | None:
+        training = self._training_state
+        return training.last_log_time if training is not None else None
 
     def _resource(self) -> Resource:
         attributes: dict[str, Any] = {
@@ -240,29 +276,15 @@ class Telemetry:
     def _write_endpoint_file(self) -> None:
         path = self.endpoint_file
         try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.endpoint_info(), handle, indent=2)
-            tmp.replace(path)
+            write_private(path, json.dumps(self.endpoint_info(), indent=2))
         except OSError as exc:
             warn_once("endpoint-file", "otel_ml: could not write %s: %s", path, exc.strerror or exc)
 
     def progress_payload(self) -> dict[str, Any]:
         """What ``/progress`` serves: this rank's open bars, step and loss (for rank 0's view)."""
-        training = self.training
-        return {
-            "rank": self.rank,
-            "run_id": self.run_id,
-            "time": time.time(),
-            "bars": [row.as_dict() for row in progress.board.snapshot()],
-            "step": None if training is None else training.step,
-            "loss": None if training is None else training.latest("loss"),
-        }
-
-    def _progress_route(self) -> tuple[bytes, str]:
-        return json.dumps(self.progress_payload()).encode(), "application/json"
+        if self.payload is None:
+            return ProgressPayload(progress_board, self.rank, self.run_id).document()
+        return self.payload.document()
 
     # ------------------------------------------------------------------ API
     def log(self, step: Any, /, **values: Any) -> None:
@@ -286,9 +308,9 @@ class Telemetry:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Push metrics and spans to OTLP and files now, waiting at most ``timeout`` seconds."""
-        if self.pipeline is None or self.closed:
+        if self.pump is None or self.closed:
             return True
-        return self.pipeline.flush(self.config.shutdown_timeout if timeout is None else timeout)
+        return self.pump.flush(self.config.shutdown_timeout if timeout is None else timeout)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Flush and stop everything within ``timeout`` (default ``shutdown_timeout``) seconds.
@@ -314,8 +336,8 @@ class Telemetry:
                 self.timekeeper.finish(rank_dir(self.run_dir, self.rank))
             except Exception as exc:  # noqa: BLE001 - the summary is a courtesy, the flush is not
                 warn_once("summary", "otel_ml: timing summary failed: %s", exc)
-        if self.pipeline is not None:
-            ok = self.pipeline.shutdown(max(0.0, deadline - time.monotonic() - 0.5))
+        if self.pump is not None:
+            ok = self.pump.shutdown(max(0.0, deadline - time.monotonic() - 0.5))
         if self.server is not None:
             self.server.close()
         return ok

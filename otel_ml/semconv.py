@@ -53,6 +53,11 @@ ATTR_SAMPLED_BY = "otel_ml.sampled_by"
 ATTR_PATH = "otel_ml.path"
 ATTR_GPU_MS = "otel_ml.gpu_duration_ms"
 ATTR_HOST_MS = "otel_ml.host_duration_ms"
+#: Span event added to the step an anomaly starts on (the step is traced because of it).
+EVENT_ANOMALY = "otel_ml.anomaly"
+ATTR_ANOMALY_TYPE = "otel_ml.anomaly.type"
+ATTR_ANOMALY_KEY = "otel_ml.anomaly.key"
+ATTR_ANOMALY_VALUE = "otel_ml.anomaly.value"
 
 #: Instrumentation scope name used for every meter and tracer otel_ml creates.
 SCOPE = "otel_ml"
@@ -281,6 +286,10 @@ ANOMALIES = MetricSpec(
 )
 #: Template for any other scalar passed to log(): ``kl=`` becomes ``otel_ml_kl``.
 USER_GAUGE_UNIT = "1"
+#: Scalars that are not built in but that the shipped dashboards, rules and runbook read by
+#: name: ``kl`` (watched by the KL-spike detector) and ``reward`` (RL runs). Each is exposed as
+#: ``PREFIX + key`` when a run logs it.
+WELL_KNOWN_KEYS: tuple[str, ...] = ("kl", "reward")
 
 METRICS: tuple[MetricSpec, ...] = (
     STEP,

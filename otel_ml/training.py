@@ -4,16 +4,20 @@ The hot path only stores numbers in plain Python containers (a few hundred nanos
 value). OTel instruments are observable: their callbacks read those containers when a reader
 collects (a Prometheus scrape or the push thread). Step durations are queued and aggregated
 off the training thread into a histogram otel_ml keeps itself (:meth:`TrainingMetrics.metrics`,
-added to every collection); the first callback (:meth:`TrainingMetrics._refresh`) drains that
-queue and resolves deferred GPU values.
+a source of the :class:`otel_ml.collection.Collection`); :meth:`TrainingMetrics.refresh`, a pump
+job and part of the runtime's one prepare hook, drains that queue and resolves deferred GPU
+values before the SDK calls any callback.
 
 Non-finite values never reach an instrument (the OTel SDK would drop them and log on every
 collection); they are counted per key in ``otel_ml_nonfinite_total{metric=...}`` and the gauge
 keeps its last finite value.
 
+Over 400 lines: log()'s coercion, rates, deferred values and the observable callbacks that
+read them share one lock and one set of counters.
+
 Example::
 
-    metrics = TrainingMetrics(meter, attributes={"rank": "0", "run_id": "r1"})
+    metrics = TrainingMetrics(meter, attributes={"rank": "0", "run_id": "r1"}, collection=Collection())
     metrics.log(1, {"loss": 2.3, "lr": 3e-4, "samples": 32})
 """
 
@@ -30,6 +34,7 @@ from opentelemetry.sdk.metrics.export import Metric
 
 from otel_ml import names, semconv
 from otel_ml._logging import logger, warn_once
+from otel_ml.collection import Collection
 from otel_ml.health import TelemetryHealth
 from otel_ml.histogram import LabeledHistograms
 from otel_ml.values import Deferred, UnusableValueError, coerce
@@ -62,12 +67,18 @@ def window_rate(entries: tuple[tuple[float, float, float], ...], index: int) -> 
 class TrainingMetrics:
     """Stores what ``log()`` receives and exposes it through observable OTel instruments.
 
-    ``wall`` and ``mono`` are injectable clocks (seconds) so tests control time exactly.
+        ``wall`` and ``mono`` are injectable clocks (seconds) so tests control time exactly.
+        ``on_step(step, monotonic_s, values)`` runs on every step change (it closes timing windows);
+        ``watch=(keys, queue)`` appends ``(step, key, value)`` of those keys to ``queue`` (the anomaly
+        detectors' input). ``collection`` gets the step-duration histogram; whoever owns the collection
+    calls :meth:`refresh` before each collection.
 
-    Example::
+        Example::
 
-        tm = TrainingMetrics(meter, attributes={"rank": "0", "run_id": "r1"}, window=10)
-        tm.log(0, {"loss": 1.0, "samples": 8})
+            tm = TrainingMetrics(
+                meter, attributes={"rank": "0", "run_id": "r1"}, collection=Collection(), window=10
+            )
+            tm.log(0, {"loss": 1.0, "samples": 8})
     """
 
     def __init__(
@@ -75,6 +86,8 @@ class TrainingMetrics:
         meter: Meter,
         attributes: Mapping[str, str],
         *,
+        collection: Collection | None = None,
+        watch: tuple[frozenset[str], deque] | None = None,
         window: int = 20,
         max_keys: int = 256,
         on_step: Callable[[int, float, Mapping[str, Any]], None] | None = None,
@@ -85,8 +98,7 @@ class TrainingMetrics:
         self._meter = meter
         self._attrs = dict(attributes)
         self._max_keys = max_keys
-        #: Called on every step change with (step, monotonic seconds, values): closes timing windows.
-        self.on_step = on_step
+        self._on_step = on_step
         self._health = health or TelemetryHealth()
         self._wall = wall
         self._mono = mono
@@ -105,14 +117,15 @@ class TrainingMetrics:
         # Drained every pump tick and at collection; the bound only matters if the pump is gone.
         self._durations: deque[float] = deque(maxlen=MAX_QUEUED_DURATIONS)
         self._pending: deque[tuple[int, str, Deferred]] = deque()
-        self._watch: frozenset[str] = frozenset()
-        self.observations: deque[tuple[int, str, float]] = deque(maxlen=1)
+        self._watch, self.observations = watch if watch is not None else (frozenset(), deque(maxlen=1))
 
         self._step: int | None = None
         self._step_mono: float | None = None
         self._last_wall: float | None = None
         self._user_names: dict[str, str] = {}
         self._create_instruments()
+        if collection is not None:
+            collection.register(metrics=self.metrics)
 
     # ------------------------------------------------------------------ hot path
     def log(self, step: Any, values: Mapping[str, Any]) -> None:
@@ -160,7 +173,7 @@ class TrainingMetrics:
                 self._health.dropped("values")
             self._durations.append(per_step)
         self._step, self._step_mono = step, mono
-        on_step = self.on_step
+        on_step = self._on_step
         if on_step is not None:
             on_step(step, mono, values)
 
@@ -205,11 +218,6 @@ class TrainingMetrics:
             self._count_nonfinite(key)
         if key in self._watch:
             self.observations.append((step, key, number))
-
-    def watch(self, keys: frozenset[str], queue: deque) -> None:
-        """Append ``(step, key, value)`` of these keys to ``queue`` (the anomaly detectors' input)."""
-        self.observations = queue
-        self._watch = keys
 
     def _add_count(self, kind: int, value: float, key: str) -> None:
         if value < 0:
@@ -270,8 +278,8 @@ class TrainingMetrics:
         )
 
     # ------------------------------------------------------------------ collection
-    def _refresh(self) -> None:
-        """Resolve deferred device values and record queued durations (collection thread)."""
+    def refresh(self) -> None:
+        """Resolve deferred device values and record queued durations (pump or collection thread)."""
         pending = self._pending
         while pending:
             step, key, deferred = pending[0]
@@ -305,7 +313,7 @@ class TrainingMetrics:
             observe((), value)
 
     def metrics(self) -> list[Metric]:
-        """The step-duration histogram, for :class:`otel_ml.pipeline.MetricSources`."""
+        """The step-duration histogram, a source of :class:`otel_ml.collection.Collection`."""
         self.drain_durations()
         spec = semconv.STEP_DURATION
         metric = self.step_durations.to_metric(spec.name, spec.unit, spec.description, (), self._attrs)
@@ -319,8 +327,6 @@ class TrainingMetrics:
         return callback
 
     def _observe_step(self, _: CallbackOptions) -> Iterable[Observation]:
-        # Registered first, so it runs before every other otel_ml callback of this meter.
-        self._refresh()
         return () if self._step is None else (Observation(self._step, self._attrs),)
 
     def _observe_timestamp(self, _: CallbackOptions) -> Iterable[Observation]:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from otel_ml._logging import reset_warnings
+from otel_ml._testing import reset
 from tests.support.fixtures import otlp_receiver, otlp_receiver_factory, refused_port  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
-def _fresh_warn_once():
-    """warn_once() is process-wide; each test starts from a clean slate."""
-    reset_warnings()
+def _fresh_process_state():
+    """otel_ml's state is process-wide (running instance, recorder, module tracers, progress
+    board, anomaly callbacks, warn_once): each test starts from, and leaves, a fresh import's."""
+    reset()
     yield
-    reset_warnings()
+    reset()
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,13 @@ import math
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import otel_ml
-from otel_ml import anomaly, runtime
 from otel_ml.anomaly import TYPES, AnomalyConfig, AnomalyError, AnomalyMonitor
+from otel_ml.collection import Collection, PullReader
 from otel_ml.config import Config
 from otel_ml.detectors import ExplosionDetector, PlateauDetector, RollingStats, SpikeDetector
+from tests.support.clock import FakeClock
 from tests.support.metrics import points, value
 
 
@@ -57,16 +57,8 @@ def test_explosion_detector_factor_and_maximum():
     assert ExplosionDetector(factor=0, maximum=100).observe(101) is True
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _monitor(**config):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     flagged = []
     last = {"t": None}
     monitor = AnomalyMonitor(
@@ -134,7 +126,9 @@ def test_stall_is_detected_from_the_clock_and_ends_with_the_next_step():
 
 def test_all_types_export_from_startup_with_rank_and_run_id():
     monitor, _, _, _ = _monitor()
-    reader = InMemoryMetricReader()
+    collection = Collection()
+    collection.register(prepare=monitor.process)  # as the runtime's pre-collection hook does
+    reader = PullReader(collection)
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     monitor.register(provider.get_meter("t"), {"rank": "3", "run_id": "r"})
     monitor.observations.append((0, "loss", math.nan))
@@ -154,7 +148,6 @@ def test_disabled_detection_keeps_nothing():
 
 def test_callbacks_get_the_anomaly_and_a_failing_one_is_contained(monkeypatch, caplog):
     seen = []
-    monkeypatch.setattr(anomaly, "_callbacks", [])
     otel_ml.on_anomaly(seen.append)
 
     @otel_ml.on_anomaly
@@ -180,7 +173,6 @@ def test_config_from_env_and_kwargs():
 
 
 def test_stop_on_raises_from_the_next_log_with_the_anomaly(tmp_path):
-    runtime._current = None
     t = otel_ml.init(
         prometheus_port=0,
         run_dir=str(tmp_path),
@@ -198,13 +190,11 @@ def test_stop_on_raises_from_the_next_log_with_the_anomaly(tmp_path):
         otel_ml.log(3, loss=1.0)  # raised once; training may decide to go on
     finally:
         t.shutdown()
-        runtime._current = None
 
 
 def test_an_anomaly_forces_a_trace_of_its_step_with_an_event(tmp_path):
     import json
 
-    runtime._current = None
     t = otel_ml.init(
         prometheus_port=0,
         run_dir=str(tmp_path / "{run_id}"),
@@ -215,7 +205,6 @@ def test_an_anomaly_forces_a_trace_of_its_step_with_an_event(tmp_path):
     for step in range(5):
         otel_ml.log(step, loss=float("nan") if step == 3 else 1.0)
     t.shutdown()
-    runtime._current = None
     lines = (tmp_path / "ev" / "rank-0" / "spans.otlp.jsonl").read_text().splitlines()
     spans = [
         s

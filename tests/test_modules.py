@@ -8,10 +8,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from torch import nn
 
 import otel_ml
-from otel_ml import modules, runtime, timing
-from otel_ml.paths import PathTree
-from otel_ml.regions import Aggregator
-from otel_ml.sampling import TraceSampler
+from otel_ml import runtime
+from otel_ml.regions import module_tracing as modules
+from otel_ml.regions import recorder as timing
+from otel_ml.regions.aggregator import Aggregator
+from otel_ml.regions.pathtree import PathTree
+from otel_ml.regions.sampling import TraceSampler
 
 
 class Block(nn.Module):
@@ -40,8 +42,7 @@ class Net(nn.Module):
 
 @pytest.fixture
 def aggregator():
-    recorder = timing.Recorder(PathTree())
-    recorder.on_boundary.append(modules.step_boundary)
+    recorder = timing.Recorder(PathTree(), on_boundary=(modules.step_boundary,))
     agg = Aggregator(
         recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
     )

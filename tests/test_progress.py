@@ -8,31 +8,28 @@ import logging
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 import otel_ml
-from otel_ml import progress
-from otel_ml.progress import OVERFLOW, BarSnapshot, ProgressBoard, rate_and_eta, register_progress_metrics
+from otel_ml.collection import Collection, PullReader
+from otel_ml.progress import board as progress
+from otel_ml.progress.board import (
+    OVERFLOW,
+    BarSnapshot,
+    rate_and_eta,
+)
+from otel_ml.progress.metrics import ProgressGauges
+from tests.support.clock import FakeClock
 from tests.support.metrics import points, value
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def board(monkeypatch):
-    """A fresh process board for each test (otel_ml.tqdm registers with progress.board)."""
-    fresh = ProgressBoard(max_tasks=5)
-    monkeypatch.setattr(progress, "board", fresh)
-    return fresh
+def board():
+    """The process board (fresh: the suite resets process state) with a budget of 5 tasks."""
+    progress.board.max_tasks = 5
+    return progress.board
 
 
-def _bar(clock: Clock, **kwargs) -> progress.tqdm:
+def _bar(clock: FakeClock, **kwargs) -> progress.tqdm:
     bar = otel_ml.tqdm(file=io.StringIO(), mininterval=0, smoothing=0, **kwargs)
     bar._time = clock  # tqdm reads time through this attribute; the test owns the clock
     bar.start_t = bar.last_print_t = clock()
@@ -48,7 +45,7 @@ def test_rate_and_eta():
 
 
 def test_a_bar_exports_done_total_rate_eta_and_elapsed(board):
-    clock = Clock()
+    clock = FakeClock(100.0)
     bar = _bar(clock, total=100, desc="train", unit="batch")
     clock.now += 10
     bar.update(40)
@@ -60,10 +57,12 @@ def test_a_bar_exports_done_total_rate_eta_and_elapsed(board):
 
 
 def test_series_carry_rank_run_id_task_unit_and_parent(board):
-    clock = Clock()
-    reader = InMemoryMetricReader()
+    clock = FakeClock(100.0)
+    collection = Collection()
+    reader = PullReader(collection)
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    register_progress_metrics(provider.get_meter("t"), {"rank": "2", "run_id": "r"}, board)
+    gauges = ProgressGauges(provider.get_meter("t"), {"rank": "2", "run_id": "r"}, board)
+    collection.register(prepare=gauges.prepare)
     bar = _bar(clock, total=50, desc="train:", unit="step")
     clock.now += 5
     bar.update(10)
@@ -82,7 +81,7 @@ def test_series_carry_rank_run_id_task_unit_and_parent(board):
 
 
 def test_nested_bars_report_files_and_rows_per_file_and_overall(board):
-    clock = Clock()
+    clock = FakeClock(100.0)
     outer = _bar(clock, total=4, desc="inference", unit="file")
     for name in ("a.parquet", "b.parquet"):
         inner = _bar(clock, total=100, desc=name, unit="row", leave=False)
@@ -106,7 +105,7 @@ def test_nested_bars_report_files_and_rows_per_file_and_overall(board):
 
 def test_many_short_lived_bars_are_capped_with_one_warning(board, caplog):
     caplog.set_level(logging.WARNING, logger="otel_ml")
-    clock = Clock()
+    clock = FakeClock(100.0)
     for i in range(20):
         bar = _bar(clock, total=10, desc=f"file-{i:03d}.parquet", unit="row", leave=False)
         bar.update(10)
@@ -157,9 +156,6 @@ def test_rank_zero_output_is_plain_tqdm(board, monkeypatch):
 def test_progress_endpoint_serves_the_open_bars(board, tmp_path):
     import urllib.request
 
-    from otel_ml import runtime
-
-    runtime._current = None
     t = otel_ml.init(
         prometheus_port=0, run_dir=str(tmp_path), run_id="p", set_global_providers=False, summary=False
     )
@@ -174,4 +170,3 @@ def test_progress_endpoint_serves_the_open_bars(board, tmp_path):
         bar.close()
     finally:
         t.shutdown()
-        runtime._current = None

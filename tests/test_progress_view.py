@@ -8,10 +8,9 @@ import sys
 import urllib.request
 
 import otel_ml
-from otel_ml import progress, runtime
-from otel_ml.progress import BarSnapshot, ProgressBoard
-from otel_ml.progress_view import RankStatus, bar, compact_line, global_line, render_lines
-from otel_ml.top import from_exposition, from_targets, render_frame, slowest_rank
+from otel_ml.cli.top import from_exposition, from_targets, render_frame, slowest_rank
+from otel_ml.progress.board import BarSnapshot
+from otel_ml.progress.render import RankStatus, bar, compact_line, global_line, render_lines
 
 TRAIN = "train"
 
@@ -71,8 +70,6 @@ def test_slowest_rank_is_the_longest_eta():
 
 
 def test_top_reads_a_real_exposition(monkeypatch, tmp_path):
-    monkeypatch.setattr(progress, "board", ProgressBoard())
-    runtime._current = None
     t = otel_ml.init(
         prometheus_port=0, run_dir=str(tmp_path), run_id="top", rank=5, set_global_providers=False
     )
@@ -93,7 +90,6 @@ def test_top_reads_a_real_exposition(monkeypatch, tmp_path):
         bar_.close()
     finally:
         t.shutdown()
-        runtime._current = None
 
 
 def test_unreachable_targets_are_down_rows_not_errors():
@@ -121,7 +117,7 @@ def test_top_once_command_prints_a_frame_for_down_targets():
 
 
 def test_large_worlds_show_the_slowest_ranks_and_count_the_rest():
-    from otel_ml.progress_view import slowest_first
+    from otel_ml.progress.render import slowest_first
 
     statuses = [_rank(r, 20, float(r)) for r in range(40)] + [RankStatus(40, up=False, error="gone")]
     shown = slowest_first(statuses, 5)
@@ -134,7 +130,7 @@ def test_large_worlds_show_the_slowest_ranks_and_count_the_rest():
 
 def test_rank_view_polls_a_bounded_rotating_subset(tmp_path):
     from otel_ml.console import Console
-    from otel_ml.rankview import RankView
+    from otel_ml.progress.poller import RankView
 
     view = RankView(
         tmp_path, 50, local=lambda: {"rank": 0, "bars": []}, console=Console(tty=False), per_cycle=16

@@ -27,7 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import otel_ml
-from otel_ml import names, progress, runtime, semconv
+from otel_ml import names, semconv
+from otel_ml._testing import reset
+from otel_ml.progress import board as progress
 from otel_ml.runtime import Telemetry
 from tests.support.metrics import strict_exposition
 
@@ -35,19 +37,16 @@ from tests.support.metrics import strict_exposition
 @pytest.fixture
 def fresh_runtime() -> Iterator[None]:
     """No running instance before the test, none left behind after it."""
-    runtime._current = None
+    reset()
     yield
-    if runtime._current is not None:
-        runtime._current.shutdown(timeout=2)
-    runtime._current = None
+    reset()
 
 
 @pytest.fixture
-def board(monkeypatch: pytest.MonkeyPatch) -> progress.ProgressBoard:
-    """A fresh process-wide progress board: task labels of earlier tests do not count here."""
-    fresh = progress.ProgressBoard()
-    monkeypatch.setattr(progress, "board", fresh)
-    return fresh
+def board() -> progress.ProgressBoard:
+    """The process-wide progress board, fresh: task labels of earlier tests do not count here."""
+    progress.board.reset()
+    return progress.board
 
 
 def _opts(tmp_path: Any, **extra: Any) -> dict[str, Any]:

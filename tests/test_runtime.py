@@ -14,10 +14,15 @@ import urllib.request
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
 
 import otel_ml
 from otel_ml import runtime
+from otel_ml._testing import reset
+from otel_ml.collection import Collection
 from otel_ml.config import Config
+from otel_ml.health import TelemetryHealth
+from otel_ml.pipeline import Pipeline, Pump
 from tests.support.metrics import parse_exposition, points, value
 from tests.support.net import wait_until
 
@@ -25,11 +30,9 @@ from tests.support.net import wait_until
 @pytest.fixture
 def fresh_runtime():
     """Each test gets no running instance and leaves none behind."""
-    runtime._current = None
+    reset()
     yield
-    if runtime._current is not None:
-        runtime._current.shutdown(timeout=2)
-    runtime._current = None
+    reset()
 
 
 def _opts(tmp_path, **extra):
@@ -209,13 +212,17 @@ def test_shutdown_waits_for_the_final_export(fresh_runtime, tmp_path):
     assert (tmp_path / "unit" / "rank-0" / "metrics.otlp.jsonl").exists()
 
 
-def test_a_failing_background_job_is_counted_each_time_and_logged_once(fresh_runtime, tmp_path, caplog):
-    telemetry = otel_ml.init(**_opts(tmp_path))
-    assert telemetry.pipeline is not None
+def test_a_failing_background_job_is_counted_each_time_and_logged_once(caplog):
+    health = TelemetryHealth()
+    pipeline = Pipeline(Resource.create({}), Collection(), health=health)
 
     def broken_job() -> None:
         raise RuntimeError("boom")
 
-    telemetry.pipeline.add_job(broken_job)
-    wait_until(lambda: telemetry.health.errors.get("jobs", 0) >= 3, timeout=10, what="three failed ticks")
+    pump = Pump(pipeline, jobs=[broken_job], interval=3600)
+    pump.start()
+    try:
+        wait_until(lambda: health.errors.get("jobs", 0) >= 3, timeout=10, what="three failed ticks")
+    finally:
+        pump.shutdown(timeout=2)
     assert caplog.text.count("background job broken_job failed") == 1

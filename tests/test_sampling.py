@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from otel_ml.sampling import EVERY, SLOW, TraceSampler
+from otel_ml.regions.sampling import EVERY, SLOW, TraceSampler
 
 
 def test_the_median_is_that_of_the_last_window_steps():

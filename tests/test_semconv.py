@@ -57,3 +57,49 @@ def test_exposed_names_are_the_documented_ones():
 
 def test_readme_metric_table_is_generated_from_semconv(readme_text):
     assert semconv.markdown_table() in readme_text
+
+
+#: ``otel_ml_*`` words in the shipped configs that are not metric names, and what they are.
+NOT_METRICS = {
+    "otel_ml_collector": "the Prometheus scrape job of the collector (deploy/prometheus/prometheus.yml)",
+    "otel_ml_units": "a collector processor (transform/otel_ml_units)",
+    "otel_ml_loss_ratio": "what a collector without the unit fix would expose (a config comment)",
+    # Resource attributes as the collector's Prometheus exporter turns them into labels.
+    **{
+        attribute.replace(".", "_"): "a resource attribute label"
+        for attribute in (semconv.RESOURCE_RUN_ID, semconv.RESOURCE_RANK, semconv.RESOURCE_WORLD_SIZE)
+    },
+}
+
+
+def _unknown_names(text: str) -> set[str]:
+    """``otel_ml_*`` words of ``text`` that name no semconv metric (or sample of one)."""
+    known = set(semconv.RESERVED_NAMES) | {semconv.PREFIX + key for key in semconv.WELL_KNOWN_KEYS}
+    return {n for n in re.findall(r"\botel_ml_\w+", text) if n not in known and n not in NOT_METRICS}
+
+
+def _config_files() -> list:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return sorted(
+        [*root.glob("grafana/**/*.json"), *root.glob("deploy/**/*.yml"), *root.glob("deploy/**/*.yaml")]
+    )
+
+
+def test_every_otel_ml_name_in_dashboards_and_deploy_configs_comes_from_semconv():
+    files = _config_files()
+    assert any(p.suffix == ".json" for p in files) and any(p.suffix == ".yaml" for p in files)
+    unknown = sorted(
+        f"{path.name}: {name}" for path in files for name in _unknown_names(path.read_text(encoding="utf-8"))
+    )
+    assert unknown == []
+
+
+def test_the_name_check_catches_a_misspelt_metric():
+    # Recording rules are "otel_ml:..." (a colon), so they never match; a typo does not pass.
+    text = (
+        "expr: rate(otel_ml_samples_total[1m]) + otel_ml_sample_total + otel_ml:steps:rate1m"
+        " + otel_ml_span_duration_seconds_bucket + otel_ml_kl + otel_ml_klx"
+    )
+    assert _unknown_names(text) == {"otel_ml_sample_total", "otel_ml_klx"}

@@ -8,12 +8,13 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 import otel_ml
-from otel_ml import timing
-from otel_ml.paths import PathTree
-from otel_ml.regions import Aggregator
-from otel_ml.sampling import TraceSampler
-from otel_ml.summary import RESERVOIR, PathStats, percentile, render_table, render_text
-from tests.test_timing import Clock
+from otel_ml.regions import recorder as timing
+from otel_ml.regions.aggregator import Aggregator
+from otel_ml.regions.pathtree import PathTree
+from otel_ml.regions.render import render_table, render_text
+from otel_ml.regions.sampling import TraceSampler
+from otel_ml.regions.stats import RESERVOIR, PathStats, percentile
+from tests.support.clock import FakeClock
 
 
 def test_percentile_interpolates_like_numpy():
@@ -35,7 +36,7 @@ def test_reservoir_keeps_a_bounded_sample_but_exact_moments():
 @pytest.fixture
 def clocked():
     """(fake clock, installed recorder on it, aggregator without tracing); uninstalled after."""
-    clock = Clock()
+    clock = FakeClock(0, tick=1_000_000)
     recorder = timing.Recorder(PathTree(), clock=clock)
     agg = Aggregator(
         recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
@@ -89,9 +90,7 @@ def test_text_summary_is_indented_by_hierarchy(timed_run):
 
 
 def test_summary_files_are_written_at_shutdown(tmp_path, capsys):
-    from otel_ml import runtime
 
-    runtime._current = None
     t = otel_ml.init(
         prometheus_port=0, run_dir=str(tmp_path / "{run_id}"), run_id="sum", set_global_providers=False
     )
@@ -100,7 +99,6 @@ def test_summary_files_are_written_at_shutdown(tmp_path, capsys):
             pass
         otel_ml.log(step, loss=1.0)
     t.shutdown()
-    runtime._current = None
     document = json.loads((tmp_path / "sum" / "rank-0" / "timing-summary.json").read_text())
     assert document["run_id"] == "sum" and document["steps"] == 3
     assert [p["path"] for p in document["paths"]] == ["forward"]

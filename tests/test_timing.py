@@ -22,29 +22,19 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import otel_ml
-from otel_ml import timing
-from otel_ml.paths import PathTree
-from otel_ml.regions import Aggregator
-from otel_ml.sampling import TraceSampler
+from otel_ml.regions import recorder as timing
+from otel_ml.regions.aggregator import Aggregator
+from otel_ml.regions.pathtree import PathTree
+from otel_ml.regions.sampling import TraceSampler
 from otel_ml.semconv import ATTR_PATH
+from tests.support.clock import FakeClock
 
 MS = 1_000_000
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: float) -> None:
-        self.now += int(ms * MS)
-
-
 @pytest.fixture
 def env():
-    clock = Clock()
+    clock = FakeClock(0, tick=MS)
     recorder = timing.Recorder(PathTree(max_paths=50), clock=clock)
     exporter = InMemorySpanExporter()
     provider = TracerProvider(shutdown_on_exit=False)
@@ -294,7 +284,7 @@ def test_log_implies_step_boundaries_until_step_end_is_used(env):
 class FakeEvents:
     """Stands in for CUDA events on this CPU machine: the test decides when the GPU is done."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.done: set[int] = set()
         self.released: list[int] = []
@@ -336,6 +326,7 @@ def test_histogram_metric_counts_durations_per_path(env):
     for ms in (0.2, 3, 3, 40):
         with otel_ml.span("forward"):
             clock.advance(ms)
+    aggregator.process()  # the collection's prepare hook does this before each collection
     (metric,) = aggregator.metrics()
     assert metric.name == "otel_ml_span_duration_seconds" and metric.unit == "s"
     (point,) = metric.data.data_points
@@ -443,7 +434,7 @@ def test_region_timestamps_read_the_same_clock_as_perf_counter_ns():
 def test_the_c_hot_path_is_built_where_ci_requires_it():
     if os.environ.get("OTEL_ML_REQUIRE_C", "") in ("", "0"):
         pytest.skip("OTEL_ML_REQUIRE_C is not set (.ci/run sets it)")
-    assert timing.ACCELERATED, "otel_ml/_cregion.c was not built: is a C compiler installed?"
+    assert timing.ACCELERATED, "otel_ml/regions/_cregion.c was not built: is a C compiler installed?"
     region = otel_ml.span("built")
     assert type(region).__enter__ is timing._cregion.RegionBase.__enter__
     assert type(region).__exit__ is timing._cregion.RegionBase.__exit__

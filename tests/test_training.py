@@ -10,29 +10,34 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from otel_ml import semconv
+from otel_ml.collection import Collection, PullReader
 from otel_ml.health import TelemetryHealth
 from otel_ml.training import MAX_PENDING, TrainingMetrics, window_rate
 from otel_ml.values import Deferred
+from tests.support.clock import FakeClock
 from tests.support.metrics import points, value
 
 ATTRS = {"rank": "3", "run_id": "run-a"}
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def setup():
-    reader = InMemoryMetricReader()
+    """Training metrics read as otel_ml reads them: each collection refreshes them first."""
+    collection = Collection()
+    reader = PullReader(collection)
     provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    clock = FakeClock()
+    clock = FakeClock(1_000.0)
     health = TelemetryHealth()
-    tm = TrainingMetrics(provider.get_meter("test"), ATTRS, window=4, health=health, wall=clock, mono=clock)
+    tm = TrainingMetrics(
+        provider.get_meter("test"),
+        ATTRS,
+        collection=collection,
+        window=4,
+        health=health,
+        wall=clock,
+        mono=clock,
+    )
+    collection.register(prepare=tm.refresh)
     yield tm, reader, clock, health
     provider.shutdown()
 
@@ -181,10 +186,16 @@ def test_unusable_step_counts_up_with_one_warning(setup, caplog):
     assert caplog.text.count("step 'x' unusable") == 1
 
 
-def test_every_step_change_is_reported_with_its_values(setup):
-    tm, _, clock, _ = setup
+def test_every_step_change_is_reported_with_its_values():
+    clock = FakeClock(1_000.0)
     seen = []
-    tm.on_step = lambda step, mono, values: seen.append((step, mono, dict(values)))
+    tm = TrainingMetrics(
+        MeterProvider(shutdown_on_exit=False).get_meter("t"),
+        ATTRS,
+        on_step=lambda step, mono, values: seen.append((step, mono, dict(values))),
+        wall=clock,
+        mono=clock,
+    )
     tm.log(0, {"loss": 1.0})
     clock.now += 1.0
     tm.log(0, {"lr": 0.1})  # same step: no boundary

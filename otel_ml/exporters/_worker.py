@@ -21,10 +21,10 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from otel_ml._logging import logger
+from otel_ml.exporters.sink import Sink
 from otel_ml.health import TelemetryHealth
 
 THREAD_PREFIX = "otel-ml-export"
@@ -58,18 +58,6 @@ for _name in _EXPORTER_LOGGERS:
 def redact(text: str) -> str:
     """Remove ``user:password@`` from URLs in an error message."""
     return _CREDENTIALS_IN_URL.sub("//***@", text)
-
-
-class Sink(Protocol):
-    """A push destination: returns True when an export succeeded."""
-
-    name: str
-
-    def export_metrics(self, data: Any) -> bool: ...
-
-    def export_spans(self, spans: Sequence[Any]) -> bool: ...
-
-    def close(self, timeout: float) -> None: ...
 
 
 class SinkWorker:

@@ -1,16 +1,16 @@
 """Prometheus text exposition (format 0.0.4) straight from OTel ``MetricsData``, cheaply.
 
-The OTel Prometheus reader builds prometheus_client families on every scrape and
-prometheus_client then validates and escapes every label of every sample: about 10 µs per series
-here, all of it holding the GIL while the training thread waits. This encoder produces the same
-names and labels the OTel exporter would (same sanitizing and unit-suffix rules, no
-``otel_scope_*`` labels, ``target_info`` from the resource) but caches each series' label text,
+OTel's own Prometheus reader (which otel_ml does not use) builds prometheus_client families on
+every scrape, and prometheus_client then validates and escapes every label of every sample: about
+10 µs per series here, all of it holding the GIL while the training thread waits. This encoder
+produces the same names and labels the OTel exporter would (same sanitizing and unit-suffix rules,
+no ``otel_scope_*`` labels, ``target_info`` from the resource) but caches each series' label text,
 so a scrape costs a few microseconds per series. Tests compare its output with the OTel
 exporter's, sample by sample.
 
 Example::
 
-    reader = ExpositionReader(sources)
+    reader = ExpositionReader(Collection())
     provider = MeterProvider(metric_readers=[reader])
     body = reader.render()   # bytes for GET /metrics
 """
@@ -34,13 +34,13 @@ from opentelemetry.sdk.metrics import (
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Gauge,
-    MetricReader,
     MetricsData,
     Sum,
 )
 from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 
 from otel_ml._logging import warn_once
+from otel_ml.collection import Collection, PullReader
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _CUMULATIVE = {
@@ -177,30 +177,25 @@ class Encoder:
             lines.append(f"{family}_sum{suffix} {number(point.sum)}")
 
 
-class ExpositionReader(MetricReader):
-    """A pull reader whose :meth:`render` collects now and returns the text exposition.
+class ExpositionReader(PullReader):
+    """A pull reader whose :meth:`render` runs one collection and returns the text exposition.
 
-    ``sources`` (a :class:`otel_ml.pipeline.MetricSources`) adds the metrics otel_ml aggregates
-    itself. Scrapes are serialised: the encoder's caches are not shared between threads.
+    The :class:`otel_ml.collection.Collection` it is given adds the prepare hooks and the metrics
+    otel_ml aggregates itself. Scrapes are serialised: the encoder's caches are not shared
+    between threads.
+
+    Example::
+
+        reader = ExpositionReader(Collection())
+        MeterProvider(metric_readers=[reader])
+        reader.render()   # b'# HELP ...'
     """
 
-    def __init__(self, sources: Any | None = None) -> None:
-        super().__init__(preferred_temporality=_CUMULATIVE)
-        self._sources = sources
+    def __init__(self, collection: Collection | None = None) -> None:
+        super().__init__(collection, preferred_temporality=_CUMULATIVE)
         self._encoder = Encoder()
-        self._data: MetricsData | None = None
-        self._lock = threading.Lock()
-
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        self._data = self._sources.augment(metrics_data) if self._sources is not None else metrics_data
+        self._encode_lock = threading.Lock()
 
     def render(self) -> bytes:
-        with self._lock:
-            self._data = None
-            self.collect()
-            return self._encoder.encode(self._data).encode("utf-8")
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        return None
+        with self._encode_lock:
+            return self._encoder.encode(self.read()).encode("utf-8")

@@ -7,10 +7,8 @@ later. Files rotate at ``max_bytes`` keeping ``backups`` older files; files are 
 user-only permissions. A write error (disk full, read-only directory) turns file export off
 with one warning; training continues.
 
-Layout::
-
-    <run_dir>/rank-<rank>/metrics.otlp.jsonl   (+ .1, .2 after rotation)
-    <run_dir>/rank-<rank>/spans.otlp.jsonl
+Layout: :mod:`otel_ml.rundir` (``<run_dir>/rank-<rank>/metrics.otlp.jsonl``, ``spans.otlp.jsonl``,
+``.1`` and ``.2`` after rotation).
 
 Example::
 
@@ -35,15 +33,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from otel_ml._logging import logger, warn_once
+from otel_ml.rundir import FILE_MODE, METRICS_FILE, SPANS_FILE, make_dirs, rank_dir
 
-METRICS_FILE = "metrics.otlp.jsonl"
-SPANS_FILE = "spans.otlp.jsonl"
 _ID_KEYS = frozenset({"traceId", "spanId", "parentSpanId"})
-
-
-def rank_dir(run_dir: Path, rank: int) -> Path:
-    """Directory holding one rank's files."""
-    return Path(run_dir) / f"rank-{rank}"
 
 
 def _convert_ids(node: Any, convert: Any) -> Any:
@@ -91,8 +83,8 @@ class _RotatingFile:
         self._size = 0
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        make_dirs(self.path.parent)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
         self._handle = os.fdopen(fd, "ab")
         self._size = self._handle.tell()
 

@@ -1,4 +1,4 @@
-"""``/metrics`` for one rank: the OTel Prometheus reader behind a small HTTP server of our own.
+"""``/metrics`` for one rank: otel_ml's exposition reader behind a small HTTP server of its own.
 
 The port is ``base + local_rank``; when it is taken the next free port is used, with one
 warning naming both. The server binds to ``localhost`` unless told otherwise (OTel's default;
@@ -18,11 +18,12 @@ import gzip
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from otel_ml._logging import logger, warn_once
+from otel_ml.collection import Collection
 from otel_ml.exporters._http import (
     MAX_CONNECTIONS,
     REQUEST_TIMEOUT,
@@ -32,12 +33,11 @@ from otel_ml.exporters._http import (
 )
 from otel_ml.exporters.exposition import CONTENT_TYPE, ExpositionReader
 from otel_ml.health import TelemetryHealth
-from otel_ml.pipeline import MetricSources
 
 
-def make_reader(sources: MetricSources | None = None) -> ExpositionReader:
-    """The pull reader behind ``/metrics`` (``sources`` adds what otel_ml aggregates itself)."""
-    return ExpositionReader(sources)
+def make_reader(collection: Collection | None = None) -> ExpositionReader:
+    """The pull reader behind ``/metrics`` (``collection`` adds otel_ml's hooks and own metrics)."""
+    return ExpositionReader(collection)
 
 
 class _Handler(HardenedHandler):
@@ -144,6 +144,7 @@ class MetricsServer:
         credentials: bytes | None = None,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
+        routes: Mapping[str, Callable[[], tuple[bytes, str]]] | None = None,
     ) -> None:
         self.render = render
         self.host = host
@@ -151,7 +152,7 @@ class MetricsServer:
         self.attempts = attempts
         self.health = health or TelemetryHealth()
         #: Extra GET paths served beside /metrics (e.g. /progress): path -> () -> (body, content type).
-        self.routes: dict[str, Callable[[], tuple[bytes, str]]] = {}
+        self.routes: dict[str, Callable[[], tuple[bytes, str]]] = dict(routes or {})
         self.port: int | None = None
         self._options = {
             "tls": tls,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_ml.cli import endpoint_files, file_sd_targets
+from otel_ml.cli.main import endpoint_files, file_sd_targets
 from tests.support.alertmanager import AlertmanagerServer, WebhookReceiver, config_for_test
 from tests.support.demo import demo_command, demo_env
 from tests.support.net import wait_until

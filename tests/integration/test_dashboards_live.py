@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from otel_ml.cli import endpoint_files, file_sd_targets
+from otel_ml.cli.main import endpoint_files, file_sd_targets
 from tests.support.dashboards import (
     PanelQuery,
     iter_panels,

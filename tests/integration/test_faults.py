@@ -600,7 +600,7 @@ LOCKED_SIGTERM = textwrap.dedent(
     """
     import os, signal
     import otel_ml
-    from otel_ml import progress
+    from otel_ml.progress import board as progress
 
     telemetry = otel_ml.init()
     otel_ml.log(1, loss=1.0)

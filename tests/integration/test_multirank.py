@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_ml.cli import endpoint_files, file_sd_targets
+from otel_ml.cli.main import endpoint_files, file_sd_targets
 from otel_ml.exporters.files import read_jsonl
 from tests.support.demo import demo_command, demo_env
 from tests.support.metrics import parse_exposition

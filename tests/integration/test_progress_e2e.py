@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from otel_ml.cli import endpoint_files, file_sd_targets
+from otel_ml.cli.main import endpoint_files, file_sd_targets
 from tests.support.demo import demo_command, demo_env
 from tests.support.net import free_port, free_port_block, wait_until
 from tests.support.prometheus import PrometheusServer

@@ -8,10 +8,13 @@ from typing import Any
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client.parser import text_string_to_metric_families
 
+from otel_ml.collection import PullReader
 
-def points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
-    """{metric name: [(attributes, data point), ...]} from one collection."""
-    data = reader.get_metrics_data()
+
+def points(reader: InMemoryMetricReader | PullReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
+    """{metric name: [(attributes, data point), ...]} from one collection (a
+    :class:`~otel_ml.collection.PullReader` runs its prepare hooks first, as otel_ml's readers do)."""
+    data = reader.read() if isinstance(reader, PullReader) else reader.get_metrics_data()
     out: dict[str, list[tuple[dict[str, Any], Any]]] = {}
     if data is None:
         return out

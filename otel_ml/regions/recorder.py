@@ -3,9 +3,9 @@
 A region on the training thread records its path node, its parent and two clock reads; no OTel
 span is created here: finished regions go to a queue, and the export thread aggregates them into
 histograms and builds real spans, with the original timestamps, for the steps chosen for tracing
-(:mod:`otel_ml.regions`).
+(:mod:`otel_ml.regions.aggregator`).
 
-``__enter__``/``__exit__`` are written in C (``otel_ml/_cregion.c``, built at install): about
+``__enter__``/``__exit__`` are written in C (``otel_ml/regions/_cregion.c``, built at install): about
 0.2 µs in a tight loop and 5-9 µs between a step's kernels, where caches are cold, against 0.7
 and 20 µs for the same region in Python (``benchmarks/bench_span.py``, ``bench_modules.py``).
 :class:`PyRegion` is that Python region: the fallback when the extension is not built
@@ -21,6 +21,9 @@ Under ``torch.compile`` regions do nothing and break no graph (``fullgraph=True`
 written ``with otel_ml.span(name):`` or as a decorator inside the compiled code. A region object
 kept from eager code (``fwd = otel_ml.span("forward")``) and entered inside compiled code is a
 context manager TorchDynamo cannot trace: a graph break there.
+
+Over 400 lines: the Python regions, the record layout they share with the C ones and the
+install/compile checks stay together, so the two implementations cannot drift apart.
 
 Example::
 
@@ -40,30 +43,76 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from otel_ml.paths import PathNode, PathTree, split
+from otel_ml.regions.pathtree import PathNode, PathTree, split
 
-try:
+#: The slots of a region record, in order. A record is a list (the cheapest mutable record):
+#: path node, start and end clock reads, the parent record, the context-variable token, the
+#: exception type, the region object, the two CUDA events, the children's time, the GPU time.
+#: ``_cregion.c`` builds the same lists; it exports its slot indices and the recorder refuses a
+#: build that disagrees (:func:`layout_mismatch`).
+RECORD_LAYOUT = (
+    "NODE",
+    "START",
+    "END",
+    "PARENT",
+    "TOKEN",
+    "ERROR",
+    "REGION",
+    "EV_START",
+    "EV_END",
+    "CHILD",
+    "GPU",
+)
+NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU = range(len(RECORD_LAYOUT))
+
+
+def new_record(node: PathNode | None, parent: list | None, region: Any) -> list:
+    """A record of a region about to start (its clock reads and events are filled in after)."""
+    return [node, 0, None, parent, None, None, region, None, None, 0.0, None]
+
+
+def layout_mismatch(module: Any) -> str | None:
+    """Why the C extension ``module`` cannot share records with this module, or None if it can."""
+    slots = getattr(module, "RECORD_SLOTS", None)
+    if slots != len(RECORD_LAYOUT):
+        return f"it has {slots} record slots, otel_ml.regions.recorder has {len(RECORD_LAYOUT)}"
+    wrong = [n for i, n in enumerate(RECORD_LAYOUT) if getattr(module, n, None) != i]
+    return f"slots {', '.join(wrong)} are at other indices" if wrong else None
+
+
+def _load_c() -> Any:
+    """The C hot path, unless disabled, missing or built with another record layout."""
     if os.environ.get("OTEL_ML_PURE_PYTHON", "") not in ("", "0"):
-        raise ImportError("OTEL_ML_PURE_PYTHON is set")
-    from otel_ml import _cregion
-except ImportError:
-    _cregion = None  # type: ignore[assignment]
+        return None
+    try:
+        from otel_ml.regions import _cregion as module
+    except ImportError:
+        return None
+    problem = layout_mismatch(module)
+    if problem is None:
+        return module
+    message = f"otel_ml.regions._cregion is a stale build ({problem}); rebuild it (pip install -e .)"
+    if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
+        raise ImportError(message)
+    warnings.warn(message + "; using the Python regions", RuntimeWarning, stacklevel=2)
+    return None
 
-#: True when regions run the C hot path (``otel_ml/_cregion.c``), False for the Python one.
+
+_cregion = _load_c()
+
+#: True when regions run the C hot path (``otel_ml/regions/_cregion.c``), False for the Python one.
 ACCELERATED = _cregion is not None
-
-# An entry is a list (the cheapest mutable record): these are its slots.
-NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU = range(11)
 
 # The innermost open region of this thread or task: its entry for PyRegion; for the C regions a
 # Cell holding the context's stack of open records, set once per context (see _cregion.c).
 _current: ContextVar[Any] = ContextVar("otel_ml_region", default=None)
-# Bound methods fetched once: the hot path indexes entries by number (see the slot names above).
+# Bound methods fetched once (the hot path calls them on every region).
 _get = _current.get
 _set = _current.set
 _reset = _current.reset
@@ -114,6 +163,8 @@ class Recorder:
         events: Any | None = None,
         on_drop: Callable[[int], None] | None = None,
         on_error: Callable[[], None] | None = None,
+        sample_every: int = 100,
+        on_boundary: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.tree = tree or PathTree()
         self.clock = clock
@@ -124,9 +175,9 @@ class Recorder:
         self.boundaries: deque[tuple[int | None, int, Mapping[str, Any] | None]] = deque()
         #: The tracing interval (``trace_every``): ``trace_modules()`` times modules on the same
         #: steps by default, so each traced step shows its modules.
-        self.sample_every = 100
+        self.sample_every = sample_every
         #: Called on the training thread at every step boundary (module sampling); keep them cheap.
-        self.on_boundary: list[Callable[[], None]] = []
+        self.on_boundary = tuple(on_boundary)
         self._on_drop = on_drop
         #: Counts a failure inside timing that was swallowed to protect the training loop.
         self.on_error = on_error
@@ -304,20 +355,20 @@ class PyRegion(_RegionAPI):
         if rec is None or _compile_state._is_compiling_flag:
             return self
         parent = _get()
-        while parent is not None and parent[2] is not None:  # skip regions closed out of order
-            parent = parent[3]
-        parent_node = _root if parent is None else parent[0]
+        while parent is not None and parent[END] is not None:  # skip regions closed out of order
+            parent = parent[PARENT]
+        parent_node = _root if parent is None else parent[NODE]
         cache = self._cache  # one read: another thread may replace it at any time
         if cache[0] is parent_node:
             node = cache[1]
         else:
             node = rec.tree.resolve(parent_node, self._parts)
             self._cache = (parent_node, node)
-        entry = [node, 0, None, parent, None, None, self, None, None, 0.0, None]
+        entry = new_record(node, parent, self)
         if rec.events is not None:
-            entry[7] = rec.events.record()
-        entry[4] = _set(entry)
-        entry[1] = _clock()
+            entry[EV_START] = rec.events.record()
+        entry[TOKEN] = _set(entry)
+        entry[START] = _clock()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -327,27 +378,27 @@ class PyRegion(_RegionAPI):
         if entry is None:
             return False
         end = _clock()
-        if entry[6] is self and entry[2] is None:
-            entry[2] = end
+        if entry[REGION] is self and entry[END] is None:
+            entry[END] = end
             try:
-                _reset(entry[4])
+                _reset(entry[TOKEN])
             except ValueError:  # token from another context (a generator moved across tasks)
-                _set(entry[3])
+                _set(entry[PARENT])
         else:
             # Not on top: closed out of order (e.g. hooks); find our open entry further up.
-            entry = entry[3]
-            while entry is not None and (entry[6] is not self or entry[2] is not None):
-                entry = entry[3]
+            entry = entry[PARENT]
+            while entry is not None and (entry[REGION] is not self or entry[END] is not None):
+                entry = entry[PARENT]
             if entry is None:
                 return False  # __enter__ did nothing (disabled, compiling, or before init)
-            entry[2] = end
-        entry[4] = None
+            entry[END] = end
+        entry[TOKEN] = None
         if exc_type is not None:
-            entry[5] = exc_type
-        if entry[7] is not None:  # a CUDA event marks the start: one marks the end
+            entry[ERROR] = exc_type
+        if entry[EV_START] is not None:  # a CUDA event marks the start: one marks the end
             rec = _recorder
             if rec is not None and rec.events is not None:
-                entry[8] = rec.events.record()
+                entry[EV_END] = rec.events.record()
         finished = _finished
         if len(finished) < MAX_FINISHED:
             finished.append(entry)
@@ -361,7 +412,7 @@ if _cregion is not None:
     class Region(_cregion.RegionBase, _RegionAPI):
         """A named region: context manager (sync and async) and decorator. Get one with :func:`span`.
 
-        ``__enter__`` and ``__exit__`` are written in C (``otel_ml/_cregion.c``): between a step's
+        ``__enter__`` and ``__exit__`` are written in C (``otel_ml/regions/_cregion.c``): between a step's
         kernels they cost 5-9 µs against :class:`PyRegion`'s 20 (``benchmarks/bench_modules.py``).
         The object holds no per-call state, so one instance serves every thread and nesting level.
 

@@ -27,22 +27,29 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from otel_ml.progress import BarSnapshot
-from otel_ml.progress_view import RankStatus, global_line, number, rank_lines
+from otel_ml import semconv
+from otel_ml.progress.board import BarSnapshot
+from otel_ml.progress.render import RankStatus, global_line, number, rank_lines
 
+#: Exposed sample name -> BarSnapshot field.
 _PROGRESS = {
-    "otel_ml_progress_completed": "completed",
-    "otel_ml_progress_total": "total",
-    "otel_ml_progress_rate_per_second": "rate",
-    "otel_ml_progress_eta_seconds": "eta",
-    "otel_ml_progress_elapsed_seconds": "elapsed",
+    semconv.PROGRESS_COMPLETED.prometheus_name: "completed",
+    semconv.PROGRESS_TOTAL.prometheus_name: "total",
+    semconv.PROGRESS_RATE.prometheus_name: "rate",
+    semconv.PROGRESS_ETA.prometheus_name: "eta",
+    semconv.PROGRESS_ELAPSED.prometheus_name: "elapsed",
 }
+#: Exposed sample name -> RankStatus field.
 _SCALARS = {
-    "otel_ml_step": "step",
-    "otel_ml_loss": "loss",
-    "otel_ml_samples_per_second": "samples_per_second",
-    "otel_ml_tokens_per_second": "tokens_per_second",
+    semconv.STEP.prometheus_name: "step",
+    semconv.LOSS.prometheus_name: "loss",
+    semconv.SAMPLES_PER_SECOND.prometheus_name: "samples_per_second",
+    semconv.TOKENS_PER_SECOND.prometheus_name: "tokens_per_second",
 }
+_GPU_ALLOCATED = semconv.GPU_MEMORY_ALLOCATED.prometheus_name
+_GPU_RESERVED = semconv.GPU_MEMORY_RESERVED.prometheus_name
+_ANOMALY_ACTIVE = semconv.ANOMALY_ACTIVE.prometheus_name
+_LAST_STEP_TIME = semconv.LAST_STEP_TIMESTAMP.prometheus_name
 
 
 def _statuses(samples: Iterator[tuple[str, dict[str, str], float]]) -> dict[int, RankStatus]:
@@ -51,21 +58,22 @@ def _statuses(samples: Iterator[tuple[str, dict[str, str], float]]) -> dict[int,
     bars: dict[tuple[int, str, str, str], dict[str, float]] = {}
     for name, labels, value in samples:
         try:
-            rank = int(labels.get("rank", ""))
+            rank = int(labels.get(semconv.LABEL_RANK, ""))
         except ValueError:
             continue
         status = statuses.setdefault(rank, RankStatus(rank))
         if name in _PROGRESS:
-            key = (rank, labels.get("task", ""), labels.get("unit", ""), labels.get("parent", ""))
+            task, unit = labels.get(semconv.LABEL_TASK, ""), labels.get(semconv.LABEL_UNIT, "")
+            key = (rank, task, unit, labels.get(semconv.LABEL_PARENT, ""))
             bars.setdefault(key, {})[_PROGRESS[name]] = value
         elif name in _SCALARS:
             setattr(status, _SCALARS[name], value)
-        elif name == "otel_ml_gpu_memory_allocated_bytes":
+        elif name == _GPU_ALLOCATED:
             status.gpu_memory_bytes = (status.gpu_memory_bytes or 0) + value
-        elif name == "otel_ml_gpu_memory_reserved_bytes":
+        elif name == _GPU_RESERVED:
             status.gpu_reserved_bytes = (status.gpu_reserved_bytes or 0) + value
-        elif name == "otel_ml_anomaly_active" and value >= 1:
-            status.anomalies.append(labels.get("type", "?"))
+        elif name == _ANOMALY_ACTIVE and value >= 1:
+            status.anomalies.append(labels.get(semconv.LABEL_TYPE, "?"))
     for (rank, task, unit, parent), fields in bars.items():
         statuses[rank].bars.append(
             BarSnapshot(
@@ -114,27 +122,26 @@ def _query(base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
 
 
 def latest_run(base: str, timeout: float = 5.0) -> str | None:
-    result = _query(base, "max by (run_id) (otel_ml_last_step_timestamp_seconds)", timeout)
-    return max(result, key=lambda r: float(r["value"][1]))["metric"]["run_id"] if result else None
+    run_id = semconv.LABEL_RUN_ID
+    result = _query(base, f"max by ({run_id}) ({_LAST_STEP_TIME})", timeout)
+    return max(result, key=lambda r: float(r["value"][1]))["metric"][run_id] if result else None
 
 
 def from_prometheus(base: str, run: str, timeout: float = 5.0) -> list[RankStatus]:
     """Statuses of ``run`` from Prometheus; ranks whose target is down come from ``up``."""
-    selector = f'run_id="{run}"'
-    names = "|".join(
-        [*_PROGRESS, *_SCALARS, "otel_ml_gpu_memory_allocated_bytes", "otel_ml_gpu_memory_reserved_bytes"]
-    )
+    selector = f'{semconv.LABEL_RUN_ID}="{run}"'
+    names = "|".join([*_PROGRESS, *_SCALARS, _GPU_ALLOCATED, _GPU_RESERVED])
 
     def samples() -> Iterator[tuple[str, dict[str, str], float]]:
         for row in _query(base, f'{{__name__=~"{names}",{selector}}}', timeout):
             yield row["metric"]["__name__"], row["metric"], float(row["value"][1])
-        for row in _query(base, f"otel_ml_anomaly_active{{{selector}}} == 1", timeout):
-            yield "otel_ml_anomaly_active", row["metric"], 1.0
+        for row in _query(base, f"{_ANOMALY_ACTIVE}{{{selector}}} == 1", timeout):
+            yield _ANOMALY_ACTIVE, row["metric"], 1.0
 
     statuses = _statuses(samples())
     for row in _query(base, f"up{{{selector}}}", timeout):
         try:
-            rank = int(row["metric"].get("rank", ""))
+            rank = int(row["metric"].get(semconv.LABEL_RANK, ""))
         except ValueError:
             continue
         if float(row["value"][1]) < 1:

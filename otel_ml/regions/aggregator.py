@@ -1,10 +1,10 @@
 """Export-thread side of region timing: statistics, histograms, sampled traces.
 
-:class:`Aggregator` drains the regions the training thread finished (:mod:`otel_ml.timing`),
+:class:`Aggregator` drains the regions the training thread finished (:mod:`otel_ml.regions.recorder`),
 in the order they finished, resolving CUDA events a few steps behind when there are any. Each
 region feeds its path's statistics and duration histogram; its duration is added to its
 parent's child time, which gives self time. Step windows (between step boundaries) decide
-sampling: every Nth step and every slow step (:class:`otel_ml.sampling.TraceSampler`) get real
+sampling: every Nth step and every slow step (:class:`otel_ml.regions.sampling.TraceSampler`) get real
 OTel spans built with the regions' original timestamps: a root ``otel_ml.step`` span per step and
 one span per region, with the parent/child structure of the nesting.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
@@ -29,12 +29,25 @@ from opentelemetry.sdk.metrics.export import Metric
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from otel_ml import semconv
+from otel_ml.collection import Collection
 from otel_ml.histogram import LabeledHistograms
 from otel_ml.names import valid_text
-from otel_ml.paths import PathNode
-from otel_ml.sampling import ANOMALY, ERROR_REASON, EVERY, SLOW, TraceSampler
-from otel_ml.summary import PathStats, SummaryRow, build_summary
-from otel_ml.timing import CHILD, END, ERROR, EV_END, EV_START, GPU, NODE, PARENT, REGION, START, Recorder
+from otel_ml.regions.pathtree import PathNode
+from otel_ml.regions.recorder import (
+    CHILD,
+    END,
+    ERROR,
+    EV_END,
+    EV_START,
+    GPU,
+    NODE,
+    PARENT,
+    REGION,
+    START,
+    Recorder,
+)
+from otel_ml.regions.sampling import ANOMALY, ERROR_REASON, EVERY, SLOW, StepFlags, TraceSampler
+from otel_ml.regions.stats import PathStats, SummaryRow, build_summary
 
 #: Finished regions kept while waiting for their step's sampling decision.
 MAX_OPEN = 1 << 16
@@ -43,7 +56,9 @@ MAX_OPEN = 1 << 16
 class Aggregator:
     """Aggregates finished regions and emits spans for sampled steps (see module docstring).
 
-    ``on_window(step, duration_s)`` callbacks run after each closed step (live table).
+    ``before`` hooks run at the start of every :meth:`process` (anomaly detection, so that it can
+    flag steps in ``flags`` before their windows close); ``on_window(aggregator, step,
+    duration_s)`` callbacks run after each closed step (the live table).
 
     Example::
 
@@ -59,6 +74,9 @@ class Aggregator:
         span_attributes: Mapping[str, Any] | None = None,
         sampler: TraceSampler | None = None,
         wall_offset_ns: int | None = None,
+        flags: StepFlags | None = None,
+        before: Sequence[Callable[[], None]] = (),
+        on_window: Sequence[Callable[[Aggregator, int | None, float], None]] = (),
     ) -> None:
         self.recorder = recorder
         self._tracer = tracer
@@ -73,10 +91,9 @@ class Aggregator:
         self.traced = {EVERY: 0, SLOW: 0, ANOMALY: 0, ERROR_REASON: 0}
         self.steps = 0
         self.step_time = 0.0
-        self.on_window: list[Callable[[int | None, float], None]] = []
-        #: Called at the start of every process() (anomaly detection runs first, so it can flag steps).
-        self.before: list[Callable[[], None]] = []
-        self._flags: dict[int | None, list[tuple[str, Mapping[str, Any]]]] = {}
+        self._on_window = tuple(on_window)
+        self._before = tuple(before)
+        self.flags = flags or StepFlags()
         self._open: deque[list] = deque(maxlen=MAX_OPEN)
         self._window_start = recorder.started_ns
         self._lock = threading.RLock()  # on_window callbacks read the stats while processing
@@ -86,17 +103,10 @@ class Aggregator:
         """Drain finished regions and closed steps (safe from any thread; serialised)."""
         with self._lock:
             self.recorder.collect()
-            for hook in self.before:
+            for hook in self._before:
                 hook()
             self._drain_finished()
             self._drain_boundaries()
-
-    def flag(self, step: int | None, name: str, attributes: Mapping[str, Any]) -> None:
-        """Trace ``step`` whatever the sampler says, with an event ``name`` on its root span."""
-        with self._lock:
-            if len(self._flags) > 1000:
-                self._flags.pop(next(iter(self._flags)))
-            self._flags.setdefault(step, []).append((name, dict(attributes)))
 
     def _drain_finished(self) -> None:
         """Account finished regions in the order they ended (one histogram lock per drain)."""
@@ -155,7 +165,7 @@ class Aggregator:
                     stats.windows += 1  # steps in which this path ran (module timing is sampled)
                     stats.window_time += duration
             reason = self.sampler.decide(step, duration)
-            events = self._flags.pop(step, None)
+            events = self.flags.pop(step)
             if events and reason is None:
                 reason = ANOMALY
             if reason is None and any(e[ERROR] is not None for e in inside):
@@ -163,8 +173,8 @@ class Aggregator:
             if reason is not None:
                 self.traced[reason] += 1
                 self._emit(step, start_ns, end_ns, values or {}, reason, inside, events or ())
-            for callback in self.on_window:
-                callback(step, duration)
+            for callback in self._on_window:
+                callback(self, step, duration)
 
     # ------------------------------------------------------------------ spans
     def _emit(
@@ -213,20 +223,24 @@ class Aggregator:
 
     # ------------------------------------------------------------------ outputs
     def metrics(self) -> Iterable[Metric]:
-        """The span-duration histogram, for :class:`otel_ml.pipeline.MetricSources`."""
-        self.process()
+        """The span-duration histogram, a source of :class:`otel_ml.collection.Collection`.
+
+        The collection's prepare hook has called :meth:`process`, which drained the finished regions.
+        """
         spec = semconv.SPAN_DURATION
         metric = self.histograms.to_metric(
             spec.name, spec.unit, spec.description, (semconv.LABEL_PATH,), self._labels
         )
         return [] if metric is None else [metric]
 
-    def register(self, meter: Meter) -> None:
-        """Observable counters: self seconds and host seconds per path, traced steps per reason."""
+    def register(self, meter: Meter, collection: Collection) -> None:
+        """Observable counters (self and host seconds per path, traced steps per reason), and the
+        span histogram as a source of ``collection``. Whoever owns the collection calls
+        :meth:`process` before each collection, so that all of them see the same regions."""
+        collection.register(metrics=self.metrics)
         labels = self._labels
 
         def self_seconds(_: CallbackOptions) -> Iterable[Observation]:
-            self.process()
             with self._lock:
                 items = [(n.label, s.self_total) for n, s in self.stats.items()]
             return [Observation(v, {**labels, semconv.LABEL_PATH: p}) for p, v in items]
@@ -265,41 +279,3 @@ class Aggregator:
         """Cumulative self time per path (seconds), for the live table."""
         with self._lock:
             return {n.path: s.self_total for n, s in self.stats.items()}
-
-
-class TimingTable:
-    """Every ``every`` closed steps, show the top paths by self time since the last refresh.
-
-    Example::
-
-        agg.on_window.append(TimingTable(agg, Console(), every=50, top=10))
-    """
-
-    def __init__(self, aggregator: Aggregator, console: Any, every: int = 50, top: int = 10) -> None:
-        self._agg = aggregator
-        self._console = console
-        self._every = every
-        self._top = top
-        self._steps = 0
-        self._elapsed = 0.0
-        self._last: dict[str, float] = {}
-
-    def __call__(self, step: int | None, duration: float) -> None:
-        self._steps += 1
-        self._elapsed += duration
-        if self._steps < self._every or self._elapsed <= 0:
-            return
-        from otel_ml.summary import render_line, render_table
-
-        totals = self._agg.self_totals()
-        shares = []
-        for path, total in totals.items():
-            delta = total - self._last.get(path, 0.0)
-            if delta > 0:
-                shares.append((path, 1e3 * delta / self._steps, 100.0 * delta / self._elapsed))
-        per_step = 1e3 * self._elapsed / self._steps
-        title = f"otel_ml timing: last {self._steps} steps (to step {step}), {per_step:.2f} ms/step"
-        self._console.show(
-            render_table(shares, title, self._top), render_line(shares, title, self._top), section="timing"
-        )
-        self._last, self._steps, self._elapsed = totals, 0, 0.0

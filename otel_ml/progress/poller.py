@@ -1,9 +1,10 @@
 """Rank 0's multi-rank terminal view: every rank's progress, read from the ranks' own telemetry.
 
-Each rank serves ``/progress`` (a small JSON snapshot of its open bars, step and loss) beside
-``/metrics`` on the same server; rank 0 finds the others through the endpoint files in the run
-dir and polls them from a background thread, about once a second, with short timeouts. No
-collective, no store, nothing on the training thread. A rank whose endpoint is not reachable
+Each rank serves ``/progress`` (:mod:`otel_ml.progress.payload`: a small JSON snapshot of its
+open bars, step and loss) beside ``/metrics`` on the same server; rank 0 finds the others through
+the endpoint files in the run dir (:func:`otel_ml.rundir.read_endpoints`) and polls them from a
+background thread, about once a second, with short timeouts. No collective, no store, nothing
+on the training thread. A rank whose endpoint is not reachable
 (another node with ``/metrics`` bound to localhost, a dead process) shows as down.
 
 On a terminal the view is redrawn in place under the timing table; otherwise one compact line
@@ -12,45 +13,22 @@ second (in rotation) and the view shows the 16 slowest ranks plus the global lin
 
 Example::
 
-    view = RankView(run_dir, world_size=4, local=telemetry.progress_payload, console=Console())
+    view = RankView(run_dir, world_size=4, local=payload.document, console=Console())
     view.start()
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from otel_ml.console import Console
-from otel_ml.progress import BarSnapshot
-from otel_ml.progress_view import RankStatus, compact_line, render_lines, slowest_first
-
-PROGRESS_PATH = "/progress"
-
-
-def status_from_payload(payload: dict[str, Any]) -> RankStatus:
-    """A :class:`RankStatus` from a ``/progress`` document."""
-    bars = [BarSnapshot(**row) for row in payload.get("bars", [])]
-    return RankStatus(
-        rank=int(payload.get("rank", 0)), bars=bars, step=payload.get("step"), loss=payload.get("loss")
-    )
-
-
-def fetch_progress(url: str, timeout: float) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.load(response)
-
-
-def progress_url(endpoint: dict[str, Any]) -> str | None:
-    url = endpoint.get("url")
-    if not url:
-        return None
-    return url.rsplit("/metrics", 1)[0] + PROGRESS_PATH
+from otel_ml.progress.payload import fetch_progress, progress_url, status_from_payload
+from otel_ml.progress.render import RankStatus, compact_line, render_lines, slowest_first
+from otel_ml.rundir import read_endpoints
 
 
 class RankView:
@@ -94,12 +72,8 @@ class RankView:
         if time.monotonic() - self._scanned < 5.0 and len(self._endpoints) >= self.world_size:
             return
         self._scanned = time.monotonic()
-        for path in self.run_dir.glob("rank-*/endpoint.json"):
-            try:
-                record = json.loads(path.read_text())
-                self._endpoints[int(record["rank"])] = record
-            except (OSError, ValueError, KeyError):
-                continue
+        for record in read_endpoints(self.run_dir):
+            self._endpoints[int(record["rank"])] = record
 
     def poll(self) -> list[RankStatus]:
         """One status per rank of the world (the local one without any network call).

@@ -1,9 +1,12 @@
-"""Wires region timing into a running :class:`otel_ml.Telemetry`: recorder, aggregator, live
-table, CUDA event timing, and the end-of-run summary files.
+"""Wires region timing into a running process: recorder, aggregator, live table, CUDA events, summary.
+
+:class:`Timekeeper` builds the parts of region timing and hands each what it needs through its
+constructor; :func:`otel_ml.runtime.Telemetry` runs :meth:`Timekeeper.tick` on the pump and
+:meth:`Timekeeper.finish` at shutdown.
 
 Example::
 
-    timekeeper = Timekeeper(cfg, pipeline, labels={"rank": "0", "run_id": "r"}, rank=0, ...)
+    timekeeper = Timekeeper(cfg, meter, tracer, collection, labels={"rank": "0", "run_id": "r"}, ...)
     ...
     timekeeper.finish(rank_dir)       # at shutdown: last aggregation, summary files, printout
 """
@@ -11,87 +14,99 @@ Example::
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from otel_ml import modules, timing
+from opentelemetry.metrics import Meter
+from opentelemetry.trace import Tracer
+
 from otel_ml._logging import warn_once
+from otel_ml.collection import Collection
 from otel_ml.config import Config
 from otel_ml.console import Console
-from otel_ml.cuda import cuda_events_if_active
 from otel_ml.health import TelemetryHealth
-from otel_ml.paths import PathTree
-from otel_ml.pipeline import Pipeline
-from otel_ml.regions import Aggregator, TimingTable
-from otel_ml.sampling import TraceSampler
-from otel_ml.summary import render_text, summary_document
-
-SUMMARY_JSON = "timing-summary.json"
-SUMMARY_TEXT = "timing-summary.txt"
+from otel_ml.regions import module_tracing, recorder
+from otel_ml.regions.aggregator import Aggregator
+from otel_ml.regions.cuda_events import cuda_events_if_active
+from otel_ml.regions.pathtree import PathTree
+from otel_ml.regions.render import TimingTable, render_text
+from otel_ml.regions.sampling import StepFlags, TraceSampler
+from otel_ml.regions.stats import summary_document
+from otel_ml.rundir import SUMMARY_JSON, SUMMARY_TEXT, write_private
 
 
 class Timekeeper:
     """Owns the process's region recorder and its export-thread aggregator.
 
+    ``before`` runs at the start of every aggregation (the anomaly detectors, which flag steps in
+    ``flags`` so that the aggregator traces them).
+
     Example::
 
-        tk = Timekeeper(Config.resolve(), pipeline, {"rank": "0", "run_id": "r"}, {}, 0, "r", health)
+        tk = Timekeeper(Config.resolve(), meter, tracer, Collection(), {"rank": "0", "run_id": "r"},
+                        {}, rank=0, run_id="r", health=TelemetryHealth())
     """
 
     def __init__(
         self,
         cfg: Config,
-        pipeline: Pipeline,
+        meter: Meter,
+        tracer: Tracer,
+        collection: Collection,
         labels: Mapping[str, str],
         span_attributes: Mapping[str, Any],
+        *,
         rank: int,
         run_id: str,
         health: TelemetryHealth,
         console: Console | None = None,
+        flags: StepFlags | None = None,
+        before: Sequence[Callable[[], None]] = (),
     ) -> None:
         self._cfg = cfg
         self._rank = rank
         self._run_id = run_id
-        self.recorder = timing.Recorder(
+        self.console = console or Console()
+        self.recorder = recorder.Recorder(
             PathTree(cfg.max_span_paths),
             events=cuda_events_if_active("off" if cfg.cuda_timing == "auto" else cfg.cuda_timing),
             on_drop=lambda n: health.dropped("spans", n),
             on_error=lambda: health.error("timing"),
+            sample_every=cfg.trace_every or 100,
+            on_boundary=(module_tracing.step_boundary,),
         )
-        self.recorder.sample_every = cfg.trace_every or 100
-        self.recorder.on_boundary.append(modules.step_boundary)
+        table = (
+            [TimingTable(self.console, cfg.timing_table_every, cfg.timing_table_top)]
+            if cfg.timing_table and rank == 0
+            else []
+        )
         self.aggregator = Aggregator(
             self.recorder,
-            pipeline.tracer,
+            tracer,
             labels,
             span_attributes=span_attributes,
             sampler=TraceSampler(every=cfg.trace_every, factor=cfg.tail_factor),
+            flags=flags,
+            before=before,
+            on_window=table,
         )
-        self.aggregator.register(pipeline.meter)
-        pipeline.sources.add(self.aggregator.metrics)
-        pipeline.add_job(self.tick)
-        self.console = console or Console()
-        if cfg.timing_table and rank == 0:
-            self.aggregator.on_window.append(
-                TimingTable(self.aggregator, self.console, cfg.timing_table_every, cfg.timing_table_top)
-            )
+        self.aggregator.register(meter, collection)
         self._dynamo_allowed = False
-        timing.install(self.recorder)
+        recorder.install(self.recorder)
 
     def tick(self) -> None:
         """Pump job: turn on CUDA timing once CUDA is up (auto mode), then aggregate."""
         if self.recorder.events is None and self._cfg.cuda_timing == "auto":
             self.recorder.events = cuda_events_if_active("auto")
         if not self._dynamo_allowed:  # torch.compile may import TorchDynamo at any time
-            self._dynamo_allowed = timing.allow_under_dynamo()
-        modules.release_nodes()
+            self._dynamo_allowed = recorder.allow_under_dynamo()
+        module_tracing.release_nodes()
         self.aggregator.process()
 
     def finish(self, rank_dir: Path) -> None:
         """Last aggregation; write and print the summary (if enabled and anything was timed)."""
-        timing.install(None)
+        recorder.install(None)
         self.aggregator.close_last_window()
         if not self._cfg.summary:
             return
@@ -111,19 +126,12 @@ class Timekeeper:
             "step_time_s": agg.step_time,
         }
         try:
-            rank_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _write_private(rank_dir / SUMMARY_JSON, json.dumps(summary_document(rows, header), indent=2))
-            _write_private(rank_dir / SUMMARY_TEXT, text + "\n")
+            write_private(rank_dir / SUMMARY_JSON, json.dumps(summary_document(rows, header), indent=2))
+            write_private(rank_dir / SUMMARY_TEXT, text + "\n")
         except OSError as exc:
             warn_once("summary-file", "otel_ml: could not write the timing summary: %s", exc.strerror or exc)
         if self._rank == 0:
             self.console.write(text)
 
     def after_fork_in_child(self) -> None:
-        timing.install(None)
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+        recorder.install(None)

@@ -1,9 +1,10 @@
-"""Per-path timing statistics, the end-of-run summary and the live top-N table (pure).
+"""Per-path timing statistics and the rows of the end-of-run summary (pure calculators).
 
 :class:`PathStats` accumulates one path's durations: count, total, self time, min, max exactly,
 and a bounded reservoir for percentiles (exact while a path has at most ``RESERVOIR`` samples,
-a uniform random sample after that). :func:`build_summary` turns the stats into rows;
-:func:`render_text` indents them by hierarchy and :func:`render_table` draws the live view.
+a uniform random sample after that). :func:`build_summary` turns the stats into
+:class:`SummaryRow` objects and :func:`summary_document` into the JSON summary; drawing them is
+:mod:`otel_ml.regions.render`'s job.
 
 Example::
 
@@ -174,39 +175,3 @@ def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) 
 def summary_document(rows: list[SummaryRow], header: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON summary: run facts plus one object per path."""
     return {**header, "paths": [asdict(r) for r in rows]}
-
-
-def render_text(rows: list[SummaryRow], title: str) -> str:
-    """A readable table, indented by hierarchy (two spaces per level)."""
-    width = max([len("path"), *(2 * (r.depth - 1) + len(r.name) for r in rows)]) + 2
-    head = (
-        f"{'path':<{width}}{'count':>8}{'mean ms':>11}{'p50 ms':>11}{'p95 ms':>11}"
-        f"{'min ms':>11}{'max ms':>11}{'share':>8}{'self':>8}"
-    )
-    lines = [title, head, "-" * len(head)]
-    for r in rows:
-        label = "  " * (r.depth - 1) + r.name
-        lines.append(
-            f"{label:<{width}}{r.count:>8}{r.mean_ms:>11.3f}{r.p50_ms:>11.3f}{r.p95_ms:>11.3f}"
-            f"{r.min_ms:>11.3f}{r.max_ms:>11.3f}{r.share_pct:>7.1f}%{r.self_share_pct:>7.1f}%"
-        )
-    return "\n".join(lines)
-
-
-def render_table(
-    shares: Sequence[tuple[str, float, float]], title: str, top: int = 10, bar_width: int = 24
-) -> list[str]:
-    """Live top-N view: ``shares`` holds (path, ms per step, percent of step time)."""
-    ranked = sorted(shares, key=lambda item: -item[2])[:top]
-    width = max([len("path"), *(len(p) for p, _, _ in ranked)])
-    lines = [title]
-    for path, ms, pct in ranked:
-        filled = max(0, min(bar_width, round(bar_width * pct / 100.0)))
-        lines.append(f"{path:<{width}} {'█' * filled}{'·' * (bar_width - filled)} {ms:9.2f} ms {pct:5.1f}%")
-    return lines
-
-
-def render_line(shares: Sequence[tuple[str, float, float]], title: str, top: int = 5) -> str:
-    """The same view on one line, for logs and non-terminal output."""
-    ranked = sorted(shares, key=lambda item: -item[2])[:top]
-    return title + " " + " | ".join(f"{p} {ms:.2f}ms {pct:.1f}%" for p, ms, pct in ranked)

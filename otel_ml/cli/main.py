@@ -2,7 +2,7 @@
 
 Subcommands:
 
-* ``demo``: a real multi-rank training run with telemetry on (see :mod:`otel_ml.demo`);
+* ``demo``: a real multi-rank training run with telemetry on (see :mod:`otel_ml.cli.demo`);
 * ``targets RUN_DIR``: Prometheus ``file_sd`` JSON for the ranks of a run, from their port files;
 * ``inspect RUN_DIR``: what an offline run recorded (per rank: last step, loss, files);
 * ``top``: a live terminal view of every rank, from Prometheus or the ranks' ``/metrics``.
@@ -21,20 +21,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from otel_ml import semconv
 from otel_ml._version import __version__
-from otel_ml.exporters.files import METRICS_FILE, read_jsonl
-from otel_ml.runtime import ENDPOINT_FILE
+from otel_ml.exporters.files import read_jsonl
+from otel_ml.rundir import METRICS_FILE, rank_dirs, read_endpoints
 
 
 def endpoint_files(run_dir: Path) -> list[dict[str, Any]]:
-    """The endpoint records of every rank under ``run_dir``, sorted by rank."""
-    records = []
-    for path in sorted(Path(run_dir).glob(f"rank-*/{ENDPOINT_FILE}")):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            print(f"otel-ml: skipping {path}: {exc}", file=sys.stderr)
-    return sorted(records, key=lambda r: r.get("rank", 0))
+    """The endpoint records of every rank under ``run_dir``, sorted by rank (bad ones reported)."""
+    return read_endpoints(
+        run_dir, lambda path, exc: print(f"otel-ml: skipping {path}: {exc}", file=sys.stderr)
+    )
 
 
 def file_sd_targets(records: list[dict[str, Any]], host: str | None = None) -> list[dict[str, Any]]:
@@ -87,34 +84,36 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    rank_dirs = sorted(Path(args.run_dir).glob("rank-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not rank_dirs:
+    directories = rank_dirs(args.run_dir)
+    if not directories:
         print(f"otel-ml: no rank-* directories under {args.run_dir}", file=sys.stderr)
         return 1
-    for directory in rank_dirs:
+    for directory in directories:
         metrics = directory / METRICS_FILE
         values = _last_metric_points(metrics) if metrics.exists() else {}
         files = ", ".join(f"{p.name} ({p.stat().st_size} B)" for p in sorted(directory.glob("*.jsonl*")))
-        step = values.get("otel_ml_step")
-        loss = values.get("otel_ml_loss")
+        step = values.get(semconv.STEP.name)
+        loss = values.get(semconv.LOSS.name)
         print(
             f"{directory.name}: step {step if step is None else int(step)}, loss {loss}, "
-            f"samples {values.get('otel_ml_samples')}; {files or 'no files'}"
+            f"samples {values.get(semconv.SAMPLES.name)}; {files or 'no files'}"
         )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Imported on use, not to dodge a cycle: ``top`` and ``demo`` pull in HTTP and torch, and
+    # ``otel-ml targets`` should start in milliseconds without them.
     if argv[:1] == ["top"]:
-        from otel_ml import top
+        from otel_ml.cli import top
 
         return top.main(argv[1:])
     parser = argparse.ArgumentParser(prog="otel-ml", description="otel_ml command line")
     parser.add_argument("--version", action="version", version=f"otel-ml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from otel_ml import demo
+    from otel_ml.cli import demo
 
     demo_parser = sub.add_parser("demo", help="run the multi-rank training demo")
     demo.add_arguments(demo_parser)

@@ -13,7 +13,10 @@ Example::
 from __future__ import annotations
 
 import bisect
+import threading
 from collections import deque
+from collections.abc import Mapping
+from typing import Any
 
 EVERY = "every"
 SLOW = "slow"
@@ -62,3 +65,38 @@ class TraceSampler:
         if len(self._recent) > self._window:
             del self._sorted[bisect.bisect_left(self._sorted, self._recent.popleft())]
         return reason
+
+
+#: Flagged steps kept at most (the oldest go first): a flag only matters until its step closes.
+MAX_FLAGGED_STEPS = 1000
+
+
+class StepFlags:
+    """Steps that must be traced whatever the sampler says, each with the events for its root span.
+
+    The anomaly detectors flag a step (:meth:`flag`); the aggregator takes the flags of each step
+    it closes (:meth:`pop`). Both sides are handed the same object, so neither holds the other.
+
+    Example::
+
+        flags = StepFlags()
+        flags.flag(37, semconv.EVENT_ANOMALY, {semconv.ATTR_ANOMALY_TYPE: "nonfinite"})
+        flags.pop(37)   # [('otel_ml.anomaly', {...})]
+    """
+
+    def __init__(self, limit: int = MAX_FLAGGED_STEPS) -> None:
+        self._limit = limit
+        self._flags: dict[int | None, list[tuple[str, dict[str, Any]]]] = {}
+        self._lock = threading.Lock()
+
+    def flag(self, step: int | None, name: str, attributes: Mapping[str, Any]) -> None:
+        """Trace ``step`` with an event ``name`` carrying ``attributes`` on its root span."""
+        with self._lock:
+            if len(self._flags) > self._limit:
+                self._flags.pop(next(iter(self._flags)))
+            self._flags.setdefault(step, []).append((name, dict(attributes)))
+
+    def pop(self, step: int | None) -> list[tuple[str, dict[str, Any]]] | None:
+        """The events flagged for ``step`` (None when it was not flagged), forgetting them."""
+        with self._lock:
+            return self._flags.pop(step, None)

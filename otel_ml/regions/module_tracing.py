@@ -23,6 +23,9 @@ step's kernels have evicted), so by default modules are timed on the steps chose
 (``every=trace_every``, 100 unless configured): each traced step shows its modules, and between
 timed steps the attributes are removed and the model runs exactly as if it were not traced.
 
+Over 400 lines: the forward swap, the backward hooks and their removal share per-module
+state; split over files, the install/restore invariants would be too.
+
 Example::
 
     handle = otel_ml.trace_modules(model, depth=2)
@@ -38,10 +41,10 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from otel_ml import timing
 from otel_ml._logging import warn_once
-from otel_ml.paths import PathNode, split
-from otel_ml.timing import END, EV_END, EV_START, NODE, PARENT, START, Region
+from otel_ml.regions import recorder as timing
+from otel_ml.regions.pathtree import PathNode, split
+from otel_ml.regions.recorder import END, EV_END, EV_START, NODE, PARENT, START, Region
 from otel_ml.values import tensor_type
 
 
@@ -279,7 +282,7 @@ class _TracedModule:
             parent = timing.top_entry()
             while parent is not None and parent[END] is not None:
                 parent = parent[PARENT]
-        entry = [self._node(rec, parent), 0, None, parent, None, None, self.region, None, None, 0.0, None]
+        entry = timing.new_record(self._node(rec, parent), parent, self.region)
         if rec.events is not None:
             entry[EV_START] = rec.events.record()
         entry[START] = rec.clock()

@@ -13,7 +13,9 @@
 #define INTERNAL
 #endif
 
-/* Slots of an entry: keep in step with NODE, START, ... in otel_ml/timing.py. */
+/* Slots of an entry (a record): RECORD_LAYOUT in otel_ml/regions/recorder.py names them in
+ * this order; the module exports each index and SLOTS as RECORD_SLOTS, and the recorder refuses
+ * a build whose layout differs from its own. */
 enum { NODE, START, END, PARENT, TOKEN, ERROR, REGION, EV_START, EV_END, CHILD, GPU, SLOTS };
 
 /* A finished region, or a ready entry list (module backward regions) when ``entry`` is set.

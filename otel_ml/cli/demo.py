@@ -10,7 +10,7 @@ rank's line, the live timing table, and its timing summary at the end; the launc
 where everything went. The worker
 also runs under torchrun directly::
 
-    torchrun --nproc-per-node 2 -m otel_ml.demo --worker
+    torchrun --nproc-per-node 2 -m otel_ml.cli.demo --worker
 
 Fault injection for tests and alert demos: ``--nan RANK:STEP`` makes that rank log a NaN loss
 from STEP on; ``--slow RANK:MS`` makes that rank's forward pass MS milliseconds slower.
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from otel_ml.exporters.files import rank_dir
-from otel_ml.runtime import ENDPOINT_FILE
+import otel_ml
+from otel_ml.rundir import ENDPOINT_FILE, rank_dir
 
 VOCAB, SEQ, BATCH, DIM = 64, 32, 16, 64
 
@@ -62,8 +62,6 @@ def worker(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
     from torch import nn
-
-    import otel_ml
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -146,8 +144,6 @@ def worker(args: argparse.Namespace) -> int:
 
 def _inference(model: Any, rank: int, world: int, files: int, torch: Any) -> None:
     """Score this rank's share of ``files`` generated files, row batches at a time, with nested bars."""
-    import otel_ml
-
     model.eval()
     mine = [f"part-{i:03d}.tokens" for i in range(files) if i % world == rank]
     with torch.no_grad():
@@ -199,7 +195,7 @@ def launch(args: argparse.Namespace) -> int:
         "OTEL_ML_TIMING_TABLE": os.environ.get("OTEL_ML_TIMING_TABLE", "1"),
         "OTEL_ML_TIMING_TABLE_EVERY": os.environ.get("OTEL_ML_TIMING_TABLE_EVERY", "250"),
     }
-    command = [sys.executable, "-m", "otel_ml.demo", "--worker", "--steps", str(args.steps)]
+    command = [sys.executable, "-m", "otel_ml.cli.demo", "--worker", "--steps", str(args.steps)]
     command += ["--files", str(args.files)]
     for flag in ("nan", "slow"):
         if getattr(args, flag):

@@ -1,7 +1,7 @@
 """What a person sees of every rank's progress: the data model and its text rendering (pure).
 
-Shared by rank 0's multi-rank terminal view (:mod:`otel_ml.rankview`) and ``otel-ml top``
-(:mod:`otel_ml.top`). A :class:`RankStatus` is one rank's bars plus a few training numbers;
+Shared by rank 0's multi-rank terminal view (:mod:`otel_ml.progress.poller`) and ``otel-ml top``
+(:mod:`otel_ml.cli.top`). A :class:`RankStatus` is one rank's bars plus a few training numbers;
 :func:`render_lines` draws one line per rank (nested bars indented below it) and a global line.
 
 Example::
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm as _tqdm
 
-from otel_ml.progress import BarSnapshot
+from otel_ml.progress.board import BarSnapshot
 
 _BLOCKS = " ▏▎▍▌▋▊▉█"
 

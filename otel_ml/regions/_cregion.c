@@ -1,11 +1,11 @@
-/* otel_ml._cregion: the hot path of ``otel_ml.span`` (``__enter__``/``__exit__``) written in C.
+/* otel_ml.regions._cregion: the hot path of ``otel_ml.span`` (``__enter__``/``__exit__``) written in C.
  *
  * Why: between a training step's kernels the interpreter's caches are cold, and a region written
  * in Python costs about 20 us there (bytecode, frames, globals lookups, allocations) against
  * 0.7 us in a tight loop (benchmarks/bench_modules.py). Here a region allocates nothing on the
  * training thread: it pushes a C record on its context's stack and, on exit, moves it into a
  * queue (_cregion_queue.c). The export thread turns the queue into the entry lists ``PyRegion``
- * (otel_ml/timing.py) makes, in the order regions finished, with ``drain()``; the aggregator
+ * (otel_ml/regions/recorder.py) makes, in the order regions finished, with ``drain()``; the aggregator
  * cannot tell them apart.
  * ``PyRegion`` stays as the fallback (no compiler, another interpreter, OTEL_ML_PURE_PYTHON=1) and
  * for TorchDynamo, which cannot trace C methods. The tests run both (tests/test_timing.py).
@@ -100,7 +100,7 @@ static void cell_dealloc(Cell *self) {
 }
 
 static PyType_Slot cell_slots[] = {
-    {Py_tp_doc, "The open regions of one context (see otel_ml._cregion)."},
+    {Py_tp_doc, "The open regions of one context (see otel_ml.regions._cregion)."},
     {Py_tp_traverse, cell_traverse},
     {Py_tp_clear, cell_clear},
     {Py_tp_dealloc, cell_dealloc},
@@ -108,7 +108,7 @@ static PyType_Slot cell_slots[] = {
 };
 
 static PyType_Spec cell_spec = {
-    .name = "otel_ml._cregion.Cell",
+    .name = "otel_ml.regions._cregion.Cell",
     .basicsize = sizeof(Cell),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .slots = cell_slots,
@@ -346,7 +346,7 @@ static PyObject *rb_exit(RegionBase *self, PyObject *const *args, Py_ssize_t nar
 }
 
 static PyMethodDef rb_methods[] = {
-    {"__enter__", (PyCFunction)rb_enter, METH_NOARGS, "Open the region (see otel_ml.timing)."},
+    {"__enter__", (PyCFunction)rb_enter, METH_NOARGS, "Open the region (see otel_ml.regions.recorder)."},
     {"__exit__", (PyCFunction)(void (*)(void))rb_exit, METH_FASTCALL, "Close the region."},
     {NULL, NULL, 0, NULL},
 };
@@ -359,7 +359,7 @@ static PyMemberDef rb_members[] = {
 };
 
 static PyType_Slot rb_slots[] = {
-    {Py_tp_doc, "The C part of otel_ml.timing.Region: __enter__ and __exit__."},
+    {Py_tp_doc, "The C part of otel_ml.regions.recorder.Region: __enter__ and __exit__."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, rb_init},
     {Py_tp_traverse, rb_traverse},
@@ -371,7 +371,7 @@ static PyType_Slot rb_slots[] = {
 };
 
 static PyType_Spec rb_spec = {
-    .name = "otel_ml._cregion.RegionBase",
+    .name = "otel_ml.regions._cregion.RegionBase",
     .basicsize = sizeof(RegionBase),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = rb_slots,
@@ -430,7 +430,7 @@ static PyObject *configure(PyObject *module, PyObject *args, PyObject *kwds) {
 
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
-     "Set the state the hot path reads (called by otel_ml.timing.install)."},
+     "Set the state the hot path reads (called by otel_ml.regions.recorder.install)."},
     {"drain", queue_drain, METH_O,
      "Append the regions finished since the last call to ``finished``, as entry lists, in the "
      "order they finished; return how many were dropped meanwhile (buffer full)."},
@@ -442,7 +442,7 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "otel_ml._cregion", "C hot path of otel_ml.span (see otel_ml.timing).", -1,
+    PyModuleDef_HEAD_INIT, "otel_ml.regions._cregion", "C hot path of otel_ml.span (see otel_ml.regions.recorder).", -1,
     module_methods,
 };
 
@@ -469,6 +469,19 @@ PyMODINIT_FUNC PyInit__cregion(void) {
         Py_XDECREF(type);
         Py_DECREF(module);
         return NULL;
+    }
+    /* The record layout this build was compiled with: otel_ml.regions.recorder checks it at
+     * import against RECORD_LAYOUT and refuses a build that disagrees. */
+    static const struct { const char *name; int slot; } layout[] = {
+        {"NODE", NODE}, {"START", START}, {"END", END}, {"PARENT", PARENT},
+        {"TOKEN", TOKEN}, {"ERROR", ERROR}, {"REGION", REGION}, {"EV_START", EV_START},
+        {"EV_END", EV_END}, {"CHILD", CHILD}, {"GPU", GPU}, {"RECORD_SLOTS", SLOTS},
+    };
+    for (size_t i = 0; i < sizeof(layout) / sizeof(layout[0]); i++) {
+        if (PyModule_AddIntConstant(module, layout[i].name, layout[i].slot) < 0) {
+            Py_DECREF(module);
+            return NULL;
+        }
     }
     return module;
 }

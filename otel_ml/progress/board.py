@@ -1,22 +1,20 @@
-"""``otel_ml.tqdm``: a drop-in tqdm whose progress, rate and ETA every rank exports.
+"""The open progress bars of this process and their snapshot rows: the data model of progress.
 
-The subclass adds nothing to the iteration path: tqdm already keeps ``n``, its smoothed rate and
-its start time on the instance at its own refresh cadence, and the collection reads them from
-there (:meth:`ProgressBoard.snapshot`). Bars register on creation and leave on close.
+Everything that shows progress reads :class:`BarSnapshot` rows from here: the gauges
+(:mod:`otel_ml.progress.metrics`), the ``/progress`` payload, rank 0's view and ``otel-ml top``.
+The tqdm subclass (:mod:`otel_ml.progress.bar`) registers its bars on :data:`board`, the one
+board of the process; ``init()`` configures it (rank, task budget) through
+:meth:`ProgressBoard.configure`.
 
 Labels: ``task`` is the bar's ``desc`` (bounded length), ``unit`` its unit, ``parent`` the task of
 the bar it is nested in (``""`` at top level). A parent bar also exports the units of its
-nested bars summed over them (files done *and* rows done). Closed bars stop exporting, except
-``otel_ml_progress_active{task}`` which drops to 0. Distinct tasks per process are capped; later
-ones are exported as ``(overflow)`` with one warning.
-
-On ranks other than 0 bars print nothing by default (rank 0's multi-rank view and ``otel-ml top``
-show them); ``disable=True`` still means no bar and no export.
+nested bars summed over them (files done *and* rows done). Distinct tasks per process are
+capped; later ones are exported as ``(overflow)`` with one warning.
 
 Example::
 
-    for batch in otel_ml.tqdm(loader, desc="train", unit="batch"):
-        ...
+    board = ProgressBoard()
+    board.snapshot()   # [] until a bar registers
 """
 
 from __future__ import annotations
@@ -25,8 +23,6 @@ import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
-
-from tqdm import tqdm as _tqdm
 
 from otel_ml import names, ranks
 from otel_ml._logging import warn_once
@@ -64,10 +60,12 @@ def rate_and_eta(
     return rate, eta
 
 
-class _Tracked:
+class Tracked:
+    """One open bar: its task label, the bar it is nested in and its thread."""
+
     __slots__ = ("bar", "children_done", "parent", "task", "thread")
 
-    def __init__(self, bar: Any, task: str, parent: _Tracked | None) -> None:
+    def __init__(self, bar: Any, task: str, parent: Tracked | None) -> None:
         self.bar = bar
         self.task = task
         self.parent = parent
@@ -81,16 +79,40 @@ class ProgressBoard:
     Example::
 
         board = ProgressBoard()
-        board.snapshot()   # [] until a bar exists
+        board.snapshot()   # [] until a bar registers
     """
 
     def __init__(self, max_tasks: int = MAX_TASKS) -> None:
         self.max_tasks = max_tasks
+        self._rank: int | None = None
         # Reentrant: a SIGTERM flush runs on the training thread and snapshots the board while
         # that thread may be creating or closing a bar.
         self._lock = threading.RLock()
-        self._open: list[_Tracked] = []
+        self._open: list[Tracked] = []
         self.active: dict[str, int] = {}
+
+    def configure(self, *, rank: int, max_tasks: int) -> None:
+        """Set this process's rank and task budget (``init()`` does); drop closed bars' labels.
+
+        A new ``init()`` starts a fresh label budget: tasks of bars still open keep theirs.
+        """
+        with self._lock:
+            self._rank = rank
+            self.max_tasks = max_tasks
+            open_tasks = {t.task for t in self._open}
+            self.active = {task: flag for task, flag in self.active.items() if task in open_tasks}
+
+    def reset(self) -> None:
+        """Forget every bar, label and the configured rank (for tests: a fresh process)."""
+        with self._lock:
+            self._rank = None
+            self.max_tasks = MAX_TASKS
+            self._open.clear()
+            self.active.clear()
+
+    def rank(self) -> int:
+        """The rank bars print for: the configured one, else the launcher's environment."""
+        return self._rank if self._rank is not None else ranks.rank_from_env()
 
     def _task(self, desc: Any) -> str:
         task = names.label_value(str(desc).strip().rstrip(":") or "progress")
@@ -108,22 +130,16 @@ class ProgressBoard:
             return OVERFLOW
         return task
 
-    def forget_closed(self) -> None:
-        """Drop the task labels of closed bars (a new ``init()`` starts a fresh label budget)."""
-        with self._lock:
-            open_tasks = {t.task for t in self._open}
-            self.active = {task: flag for task, flag in self.active.items() if task in open_tasks}
-
-    def register(self, bar: Any) -> _Tracked:
+    def register(self, bar: Any) -> Tracked:
         with self._lock:
             thread = threading.get_ident()
             parent = next((t for t in reversed(self._open) if t.thread == thread), None)
-            tracked = _Tracked(bar, self._task(bar.desc), parent)
+            tracked = Tracked(bar, self._task(bar.desc), parent)
             self._open.append(tracked)
             self.active[tracked.task] = 1
             return tracked
 
-    def close(self, tracked: _Tracked) -> None:
+    def close(self, tracked: Tracked) -> None:
         with self._lock:
             if tracked not in self._open:
                 return
@@ -134,6 +150,11 @@ class ProgressBoard:
             if parent is not None and parent in self._open:
                 unit = str(tracked.bar.unit)
                 parent.children_done[unit] = parent.children_done.get(unit, 0.0) + float(tracked.bar.n)
+
+    def active_tasks(self) -> list[tuple[str, int]]:
+        """``(task, 1 if a bar with that task is open else 0)`` for every task seen."""
+        with self._lock:
+            return list(self.active.items())
 
     def snapshot(self) -> list[BarSnapshot]:
         """Rows for every open bar (newest bar wins per task and unit)."""
@@ -156,7 +177,7 @@ def _timing(bar: Any) -> tuple[float, float | None]:
     return elapsed, (bar._ema_dn() / ema_dt if ema_dt else None)
 
 
-def _own_row(tracked: _Tracked) -> BarSnapshot | None:
+def _own_row(tracked: Tracked) -> BarSnapshot | None:
     bar = tracked.bar
     try:
         n = float(bar.n)
@@ -169,7 +190,7 @@ def _own_row(tracked: _Tracked) -> BarSnapshot | None:
     return BarSnapshot(tracked.task, str(bar.unit), parent, n, total, rate, eta, elapsed)
 
 
-def _nested_rows(tracked: _Tracked, open_bars: list[_Tracked]) -> Iterable[BarSnapshot]:
+def _nested_rows(tracked: Tracked, open_bars: list[Tracked]) -> Iterable[BarSnapshot]:
     """A parent's sums over nested units: done by closed children plus what open ones did."""
     units = dict(tracked.children_done)
     for child in open_bars:
@@ -189,97 +210,5 @@ def _nested_rows(tracked: _Tracked, open_bars: list[_Tracked]) -> Iterable[BarSn
         yield BarSnapshot(tracked.task, unit, parent, done, None, rate, None, elapsed)
 
 
+#: The process's board: every ``otel_ml.tqdm`` registers here.
 board = ProgressBoard()
-
-
-class _NullWriter:
-    """Where bars of ranks other than 0 print: nowhere."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        return None
-
-
-def _rank() -> int:
-    from otel_ml import runtime
-
-    telemetry = runtime.get_telemetry()
-    return telemetry.rank if telemetry is not None else ranks.rank_from_env()
-
-
-class tqdm(_tqdm):  # noqa: N801 - the drop-in keeps tqdm's name
-    """tqdm that also exports its progress (see module docstring). Any tqdm argument works.
-
-    Example::
-
-        for f in otel_ml.tqdm(files, desc="inference", unit="file"):
-            for rows in otel_ml.tqdm(read(f), desc=f.name, unit="row", leave=False, total=n): ...
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._otel_ml: _Tracked | None = None
-        if "file" not in kwargs and not kwargs.get("disable") and _rank() != 0:
-            kwargs["file"] = _NullWriter()
-        super().__init__(*args, **kwargs)
-        if not self.disable:
-            self._otel_ml = board.register(self)
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            tracked, self._otel_ml = getattr(self, "_otel_ml", None), None
-            if tracked is not None:
-                board.close(tracked)
-
-
-def trange(*args: Any, **kwargs: Any) -> tqdm:
-    """``otel_ml.tqdm(range(*args), **kwargs)``, like ``tqdm.trange``."""
-    return tqdm(range(*args), **kwargs)
-
-
-def register_progress_metrics(
-    meter: Any, attributes: dict[str, str], source: ProgressBoard | None = None
-) -> None:
-    """The six ``otel_ml_progress_*`` gauges, read from ``source`` (the process board) at collection."""
-    from opentelemetry.metrics import Observation
-
-    from otel_ml import semconv
-
-    source = source or board
-    attrs = dict(attributes)
-    cache: dict[str, list[BarSnapshot]] = {}
-
-    def rows_callback(field: str, first: bool = False) -> Any:
-        def callback(_: Any) -> list[Observation]:
-            if first:  # the first progress gauge takes the snapshot the others reuse
-                cache["rows"] = source.snapshot()
-            out = []
-            for row in cache.get("rows", ()):
-                value = getattr(row, field)
-                if value is not None:
-                    labels = {**attrs, semconv.LABEL_TASK: row.task, semconv.LABEL_UNIT: row.unit}
-                    labels[semconv.LABEL_PARENT] = row.parent
-                    out.append(Observation(value, labels))
-            return out
-
-        return callback
-
-    def active(_: Any) -> list[Observation]:
-        with source._lock:
-            items = list(source.active.items())
-        return [Observation(flag, {**attrs, semconv.LABEL_TASK: task}) for task, flag in items]
-
-    for spec, field in (
-        (semconv.PROGRESS_COMPLETED, "completed"),
-        (semconv.PROGRESS_TOTAL, "total"),
-        (semconv.PROGRESS_RATE, "rate"),
-        (semconv.PROGRESS_ETA, "eta"),
-        (semconv.PROGRESS_ELAPSED, "elapsed"),
-    ):
-        callback = rows_callback(field, first=spec is semconv.PROGRESS_COMPLETED)
-        meter.create_observable_gauge(spec.name, [callback], spec.unit, spec.description)
-    spec = semconv.PROGRESS_ACTIVE
-    meter.create_observable_gauge(spec.name, [active], spec.unit, spec.description)

@@ -4,7 +4,7 @@
 asks ``ready()`` (``event.query()``) and, once both ends of a region are done, reads
 ``elapsed_ms()``. Nothing here calls ``synchronize()``. Events are pooled and reused.
 
-This module only runs where CUDA is initialised; :class:`otel_ml.regions.Aggregator` drives the
+This module only runs where CUDA is initialised; :class:`otel_ml.regions.aggregator.Aggregator` drives the
 same resolve path on CPU with any object offering ``record``/``ready``/``elapsed_ms``/``release``.
 
 Example::

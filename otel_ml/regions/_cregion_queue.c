@@ -1,4 +1,4 @@
-/* otel_ml._cregion, the queue: finished region records, and the entry lists the export thread makes
+/* otel_ml.regions._cregion, the queue: finished region records, and the entry lists the export thread makes
  * of them (``drain()``), in the order the regions finished. The training thread only pushes C
  * structs here (``queue_push``); every Python object an entry needs is made in ``drain()``.
  * A parent is named by its record id: its entry is a placeholder (``pending``) until it finishes,
