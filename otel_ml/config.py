@@ -314,8 +314,8 @@ class Config:
         metadata=_opt(
             ("OTEL_ML_CUDA_TIMING",),
             p.choice_parser("auto", "on", "off"),
-            "Time regions with CUDA events (resolved later, no sync): `auto` = once this process "
-            "has initialised CUDA.",
+            "Time regions with CUDA events (resolved later, no sync) once the training code has "
+            "initialised CUDA (otel_ml never does); `on` is the same as `auto`.",
         ),
     )
     timing_table: bool = field(

@@ -54,7 +54,7 @@ from otel_ml.regions.sampling import StepFlags
 from otel_ml.regions.timekeeper import Timekeeper
 from otel_ml.rundir import ENDPOINT_FILE, rank_dir, resolve, write_private
 from otel_ml.signals import install_sigterm_flush
-from otel_ml.system import register_system_metrics
+from otel_ml.system import GpuMemorySampler, SystemGauges
 from otel_ml.training import TrainingMetrics
 
 
@@ -76,6 +76,8 @@ class Telemetry:
         env: Mapping[str, str] | None = None,
         metric_readers: Sequence[MetricReader] = (),
         sinks: Sequence[Sink] = (),
+        cuda: Any | None = None,
+        cudart: Any | None = None,
     ) -> None:
         self.config = cfg = config or Config.resolve(env=env)
         detected = ranks.detect(env)
@@ -97,6 +99,7 @@ class Telemetry:
         self.pump: Pump | None = None
         self.payload: ProgressPayload | None = None
         self.progress_gauges: ProgressGauges | None = None
+        self.system_gauges: SystemGauges | None = None
         self.file_sink: FileSink | None = None
         self.timekeeper: Timekeeper | None = None
         self.rank_view: RankView | None = None
@@ -158,6 +161,8 @@ class Telemetry:
             console=self.console,
             flags=flags,
             before=(anomalies.process,),
+            cuda=cuda,
+            cudart=cudart,
         )
         self.training = training = TrainingMetrics(
             meter,
@@ -168,9 +173,14 @@ class Telemetry:
             max_keys=cfg.max_metric_keys,
             on_step=timekeeper.recorder.implied_step_end,
             health=self.health,
+            cuda=cuda,
+            cudart=cudart,
         )
         self._training_state = training
-        register_system_metrics(meter, self.attributes)
+        sampler = GpuMemorySampler(
+            cuda, own_device=self.local_rank, on_error=lambda: self.health.error("system")
+        )
+        self.system_gauges = SystemGauges(meter, self.attributes, sampler)
         self.health.register(meter, self.attributes)
         progress_board.configure(rank=self.rank, max_tasks=cfg.max_progress_tasks)
         self.progress_gauges = ProgressGauges(meter, self.attributes, progress_board)
@@ -217,14 +227,16 @@ class Telemetry:
     def _before_collect(self) -> None:
         """The one prepare hook of every collection, in this order: resolve deferred ``log()``
         values (which feeds the anomaly queue), aggregate regions (anomaly detection runs first
-        inside, so it can flag the steps it closes), then snapshot the progress board."""
-        training, timekeeper, gauges = self._training_state, self.timekeeper, self.progress_gauges
+        inside, so it can flag the steps it closes), then snapshot the progress board and read
+        the GPUs once for all their gauges."""
+        training, timekeeper = self._training_state, self.timekeeper
         if training is not None:
             training.refresh()
         if timekeeper is not None:
             timekeeper.aggregator.process()
-        if gauges is not None:
-            gauges.prepare()
+        for gauges in (self.progress_gauges, self.system_gauges):
+            if gauges is not None:
+                gauges.prepare()
 
     def _last_log_time(self) -> float | None:
         training = self._training_state

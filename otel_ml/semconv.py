@@ -33,6 +33,11 @@ LABEL_TASK = "task"
 LABEL_UNIT = "unit"
 LABEL_PARENT = "parent"
 LABEL_TYPE = "type"
+#: Labels of ``otel_ml_gpu_info``, named like the DCGM exporter's where it has one.
+LABEL_GPU_UUID = "gpu_uuid"
+LABEL_PCI_BUS_ID = "pci_bus_id"
+LABEL_GPU_NAME = "gpu_name"
+LABEL_HOST = "host"
 
 # Resource attributes (OTel semantic conventions where they exist, ``otel_ml.*`` otherwise).
 RESOURCE_RUN_ID = "otel_ml.run_id"
@@ -154,6 +159,14 @@ GPU_MEMORY_TOTAL = MetricSpec(
     "Memory capacity of the CUDA device (torch.cuda.get_device_properties().total_memory).",
     "torch.cuda device properties; absent without CUDA",
     (LABEL_DEVICE,),
+)
+GPU_INFO = MetricSpec(
+    "otel_ml_gpu_info",
+    "1",
+    "gauge",
+    "1 per GPU this rank uses, with its UUID and PCI bus id: join DCGM exporter metrics on UUID.",
+    "CUDA device properties",
+    (LABEL_DEVICE, LABEL_GPU_UUID, LABEL_PCI_BUS_ID, LABEL_GPU_NAME, LABEL_HOST),
 )
 PROCESS_RESIDENT_MEMORY = MetricSpec(
     "otel_ml_process_resident_memory_bytes",
@@ -306,6 +319,7 @@ METRICS: tuple[MetricSpec, ...] = (
     GPU_MEMORY_RESERVED,
     GPU_MEMORY_PEAK,
     GPU_MEMORY_TOTAL,
+    GPU_INFO,
     PROCESS_RESIDENT_MEMORY,
     NONFINITE,
     EXPORT_ERRORS,

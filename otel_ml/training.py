@@ -35,6 +35,7 @@ from opentelemetry.sdk.metrics.export import Metric
 from otel_ml import names, semconv
 from otel_ml._logging import logger, warn_once
 from otel_ml.collection import Collection
+from otel_ml.gpu import DeviceCalls
 from otel_ml.health import TelemetryHealth
 from otel_ml.histogram import LabeledHistograms
 from otel_ml.values import Deferred, UnusableValueError, coerce
@@ -94,6 +95,8 @@ class TrainingMetrics:
         health: TelemetryHealth | None = None,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.perf_counter,
+        cuda: Any | None = None,
+        cudart: Any | None = None,
     ) -> None:
         self._meter = meter
         self._attrs = dict(attributes)
@@ -102,6 +105,10 @@ class TrainingMetrics:
         self._health = health or TelemetryHealth()
         self._wall = wall
         self._mono = mono
+        #: ``torch.cuda`` (or a stand-in) for CUDA tensors; torch's own when None.
+        self._cuda = cuda
+        self._cudart = cudart
+        self._calls: DeviceCalls | None = None  # made on the background side, on first need
         # Slow paths only: key registration, non-finite counts. Reentrant: a SIGTERM flush runs
         # on this thread and collects (reads the counts) while log() may hold it.
         self._lock = threading.RLock()
@@ -194,8 +201,8 @@ class TrainingMetrics:
 
     def _ingest_slow(self, step: int, key: str, kind: int, value: Any) -> None:
         try:
-            number = coerce(value)
-        except Exception as exc:  # noqa: BLE001 - UnusableValueError, or exotic objects failing
+            number = coerce(value, self._cuda)
+        except Exception as exc:  # noqa: BLE001 - UnusableValueError, a CUDA error, exotic objects
             warn_once(f"value:{key}", "otel_ml: log() dropped %r: %s", key, exc)
             self._health.dropped("values")
             return
@@ -284,16 +291,26 @@ class TrainingMetrics:
         while pending:
             step, key, deferred = pending[0]
             try:
-                if not deferred.ready():
+                if not deferred.ready(self._device_calls(deferred)):
                     break
                 number = deferred.value()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - counted; the values behind it still flow
                 warn_once(f"deferred:{key}", "otel_ml: reading %r from the device failed: %s", key, exc)
+                self._health.error("values")
+                self._health.dropped("values")
                 number = None
             pending.popleft()
             if number is not None:
                 self._ingest(step, key, self._kinds.get(key) or _GAUGE, number)
         self.drain_durations()
+
+    def _device_calls(self, deferred: Deferred) -> DeviceCalls | None:
+        cuda = getattr(deferred, "cuda", None)
+        if cuda is None:
+            return None
+        if self._calls is None:
+            self._calls = DeviceCalls(cuda, self._cudart)
+        return self._calls
 
     def drain_durations(self) -> None:
         """Move queued step durations into the histogram (export thread or collection).

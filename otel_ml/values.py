@@ -4,10 +4,10 @@
 device tensors whose value is read later off the training thread, or raises
 :class:`UnusableValueError` with a message for the one-time warning.
 
-CUDA tensors are copied to pinned host memory with ``non_blocking=True`` and a CUDA event is
-recorded behind the copy; a background collection polls ``event.query()`` and reads the host copy
-once the GPU got there. The training thread never calls ``synchronize()`` or ``.item()`` on a
-CUDA tensor.
+CUDA tensors are copied to pinned host memory with ``non_blocking=True`` on their own device's
+stream and a CUDA event is recorded behind the copy; a background collection polls
+``event.query()`` (under that device's guard) and reads the host copy once the GPU got there.
+The training thread never calls ``synchronize()`` or ``.item()`` on a CUDA tensor.
 
 Example::
 
@@ -19,7 +19,10 @@ Example::
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from otel_ml.gpu import DeviceCalls
 
 
 class UnusableValueError(ValueError):
@@ -31,7 +34,8 @@ class Deferred:
 
     __slots__ = ()
 
-    def ready(self) -> bool:
+    def ready(self, calls: DeviceCalls | None = None) -> bool:
+        """True once :meth:`value` can be read (``calls``: how to reach a CUDA device safely)."""
         raise NotImplementedError
 
     def value(self) -> float:
@@ -41,27 +45,49 @@ class Deferred:
 class CudaDeferred(Deferred):
     """Asynchronous device-to-host copy of a 1-element CUDA tensor, resolved by event polling.
 
+    The copy and its event go on the current stream of the *tensor's* device (where the copy
+    runs), whatever the training thread's current device is; the event is queried later under
+    that device's guard (:class:`otel_ml.gpu.DeviceCalls`). Inside a CUDA graph capture there is
+    no value to read yet: the value is refused (one warning), not captured into the graph.
+
     Example::
 
-        d = CudaDeferred(loss)      # enqueues copy + event on the current stream, returns at once
+        d = CudaDeferred(loss, torch.cuda)  # enqueues copy + event, returns at once
         ...
-        if d.ready():               # event.query(): True once the GPU executed the copy
+        if d.ready(DeviceCalls(torch.cuda)):   # event.query(): True once the copy landed
             d.value()
     """
 
-    __slots__ = ("_event", "_host")
+    __slots__ = ("_cuda", "_event", "_host", "device")
 
-    def __init__(self, tensor: Any) -> None:
-        import torch
-
+    def __init__(self, tensor: Any, cuda: Any) -> None:
         src = tensor.detach().reshape(())
-        self._host = torch.empty((), dtype=src.dtype, device="cpu", pin_memory=True)
-        self._host.copy_(src, non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
+        self._cuda = cuda
+        self.device = int(src.device.index if src.device.index is not None else cuda.current_device())
+        if cuda.current_device() == self.device:
+            self._start(src, cuda)
+        else:
+            with cuda.device(self.device):
+                self._start(src, cuda)
 
-    def ready(self) -> bool:
-        return bool(self._event.query())
+    def _start(self, src: Any, cuda: Any) -> None:
+        if cuda.is_current_stream_capturing():
+            raise UnusableValueError("logged inside a CUDA graph capture (no value exists yet)")
+        # Pinned host memory, filled on the source device's current stream (non_blocking=True
+        # makes torch allocate the destination pinned); the event follows it on that stream.
+        self._host = src.to("cpu", non_blocking=True)
+        self._event = cuda.Event()
+        self._event.record(cuda.current_stream(self.device))
+
+    @property
+    def cuda(self) -> Any:
+        return self._cuda
+
+    def ready(self, calls: DeviceCalls | None = None) -> bool:
+        if calls is None:
+            raise ValueError("a CUDA value is read under its device guard: pass DeviceCalls")
+        with calls.on(self.device):
+            return bool(self._event.query())
 
     def value(self) -> float:
         return float(self._host.item())
@@ -78,7 +104,7 @@ class LazyItem(Deferred):
     def __init__(self, tensor: Any) -> None:
         self._tensor = tensor.detach()
 
-    def ready(self) -> bool:
+    def ready(self, calls: DeviceCalls | None = None) -> bool:
         return True
 
     def value(self) -> float:
@@ -91,11 +117,14 @@ def tensor_type() -> type | None:
     return getattr(torch, "Tensor", None)
 
 
-def coerce(value: Any) -> float | Deferred:
-    """Convert a logged value; raise :class:`UnusableValueError` when it cannot be a scalar."""
+def coerce(value: Any, cuda: Any | None = None) -> float | Deferred:
+    """Convert a logged value; raise :class:`UnusableValueError` when it cannot be a scalar.
+
+    ``cuda`` is the ``torch.cuda`` to read CUDA tensors with (default: torch's own).
+    """
     tensor_cls = tensor_type()
     if tensor_cls is not None and isinstance(value, tensor_cls):
-        return _coerce_tensor(value)
+        return _coerce_tensor(value, cuda)
     if value is None or isinstance(value, (str, bytes, complex)):
         raise UnusableValueError(f"{type(value).__name__} is not a number")
     if isinstance(value, bool):
@@ -114,7 +143,7 @@ def coerce(value: Any) -> float | Deferred:
         raise UnusableValueError(f"{type(value).__name__} cannot be a float ({exc})") from None
 
 
-def _coerce_tensor(tensor: Any) -> float | Deferred:
+def _coerce_tensor(tensor: Any, cuda: Any | None) -> float | Deferred:
     if tensor.is_cpu:
         # The common case, kept short: item() works with requires_grad and raises for
         # multi-element tensors; complex values fail in float().
@@ -128,7 +157,7 @@ def _coerce_tensor(tensor: Any) -> float | Deferred:
     if tensor.is_complex():
         raise UnusableValueError("complex tensor")
     if tensor.is_cuda:
-        return CudaDeferred(tensor)
+        return CudaDeferred(tensor, cuda if cuda is not None else sys.modules["torch"].cuda)
     if tensor.is_meta:
         raise UnusableValueError("meta tensor has no value")
     if tensor.is_cpu:

@@ -22,12 +22,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 import otel_ml
+from otel_ml.gpu import DeviceCalls
 from otel_ml.regions import recorder as timing
 from otel_ml.regions.aggregator import Aggregator
+from otel_ml.regions.cuda_events import CudaEvents
 from otel_ml.regions.pathtree import PathTree
 from otel_ml.regions.sampling import TraceSampler
 from otel_ml.semconv import ATTR_PATH
 from tests.support.clock import FakeClock
+from tests.support.fake_cuda import FakeCuda
 
 MS = 1_000_000
 
@@ -281,44 +284,34 @@ def test_log_implies_step_boundaries_until_step_end_is_used(env):
     assert aggregator.steps == 2
 
 
-class FakeEvents:
-    """Stands in for CUDA events on this CPU machine: the test decides when the GPU is done."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.done: set[int] = set()
-        self.released: list[int] = []
-
-    def record(self):
-        return ("event", self.clock.now)
-
-    def ready(self, event) -> bool:
-        return event[1] in self.done
-
-    def elapsed_ms(self, start, end) -> float:
-        return (end[1] - start[1]) / MS * 2  # "GPU time" twice the host time, to tell them apart
-
-    def release(self, *events) -> None:
-        self.released.extend(e[1] for e in events)
+def _on_a_thread(function) -> None:
+    """Run ``function`` on another thread, as the pump does (its current CUDA device is 0)."""
+    thread = threading.Thread(target=function, name="otel-ml-pump")
+    thread.start()
+    thread.join()
 
 
 def test_gpu_timed_regions_wait_for_their_events_and_report_gpu_time(env):
     recorder, aggregator, exporter, clock = env
-    events = recorder.events = FakeEvents(clock)
+    cuda = FakeCuda(devices=2)
+    cuda.set_device(1)  # the training thread works on cuda:1; the pump thread's device is 0
+    events = recorder.events = CudaEvents(cuda, DeviceCalls(cuda, cuda.cudart))
     with otel_ml.span("forward"):
         clock.advance(4)
+        cuda.kernel(8.0)  # 8 ms on the GPU, to tell GPU time from host time
     recorder.step_end(0)
-    aggregator.process()
+    _on_a_thread(aggregator.process)
     assert aggregator.stats == {} and aggregator.steps == 0  # the GPU is not there yet
-    events.done.add(4 * MS)
-    aggregator.process()
+    cuda.complete()
+    _on_a_thread(aggregator.process)
     (stats,) = aggregator.stats.values()
     assert stats.total == pytest.approx(0.008) and stats.host_total == pytest.approx(0.004)
     assert stats.gpu_count == 1
-    assert sorted(events.released) == [0, 4 * MS]
+    assert len(events._free[1]) == 2  # both events back in cuda:1's pool
     span = _spans(exporter)["forward"]
     assert span.attributes["otel_ml.gpu_duration_ms"] == pytest.approx(8.0)
     assert span.attributes["otel_ml.host_duration_ms"] == pytest.approx(4.0)
+    assert cuda.clean(), (cuda.stray_contexts, cuda.unguarded)
 
 
 def test_histogram_metric_counts_durations_per_path(env):
@@ -443,7 +436,7 @@ def test_the_c_hot_path_is_built_where_ci_requires_it():
 @pytest.mark.skipif(not timing.ACCELERATED, reason="this run already uses the Python regions")
 def test_the_python_regions_pass_the_region_tests_too():
     root = Path(__file__).resolve().parent.parent
-    tests = ["tests/test_timing.py", "tests/test_modules.py", "tests/test_summary.py"]
+    tests = ["tests/test_timing.py", "tests/test_modules.py", "tests/test_summary.py", "tests/test_gpu.py"]
     env = {**os.environ, "OTEL_ML_PURE_PYTHON": "1", "OTEL_ML_REQUIRE_C": "0"}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],

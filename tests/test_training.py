@@ -248,7 +248,7 @@ class ManualDeferred(Deferred):
         self.number = number
         self.done = False
 
-    def ready(self) -> bool:
+    def ready(self, calls=None) -> bool:
         return self.done
 
     def value(self) -> float:
@@ -259,7 +259,7 @@ def test_deferred_values_are_resolved_in_order_at_collection(setup, monkeypatch)
     tm, reader, _, _ = setup
     first, second = ManualDeferred(1.0), ManualDeferred(float("nan"))
     made = iter([first, second])
-    monkeypatch.setattr("otel_ml.training.coerce", lambda v: next(made))
+    monkeypatch.setattr("otel_ml.training.coerce", lambda v, cuda=None: next(made))
     tm.log(1, {"loss": object()})
     tm.log(2, {"loss": object()})
     assert not points(reader).get("otel_ml_loss")
@@ -273,7 +273,7 @@ def test_deferred_values_are_resolved_in_order_at_collection(setup, monkeypatch)
 
 def test_pending_deferred_values_are_bounded(setup, monkeypatch):
     tm, _, _, health = setup
-    monkeypatch.setattr("otel_ml.training.coerce", lambda v: ManualDeferred(1.0))
+    monkeypatch.setattr("otel_ml.training.coerce", lambda v, cuda=None: ManualDeferred(1.0))
     for step in range(MAX_PENDING + 10):
         tm.log(step, {"loss": object()})
     assert len(tm._pending) == MAX_PENDING

@@ -1,4 +1,4 @@
-"""The ``otel-ml`` command.
+"""The ``otel-ml`` command: its parser, and the small subcommands ``targets`` and ``inspect``.
 
 Subcommands:
 

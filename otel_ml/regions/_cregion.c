@@ -262,11 +262,12 @@ static PyObject *rb_enter(RegionBase *self, PyObject *unused) {
         Py_XSETREF(self->cache_node, Py_NewRef(node));
     }
     if (events != Py_None) {
+        /* record() catches and counts CUDA errors itself and returns None when it records
+         * nothing (no event, or a capture in progress); anything else escaping it must not
+         * reach the training loop either: the region is then timed on the host. */
         ev_start = PyObject_CallMethodNoArgs(events, str_record);
-        if (ev_start == NULL) {
-            Py_DECREF(node);
-            goto fail;
-        }
+        if (ev_start == NULL) PyErr_Clear();
+        else if (ev_start == Py_None) Py_CLEAR(ev_start);
     }
     if (reserve(cell) < 0) { /* too deep: not recorded; __exit__ counts it back */
         cell->overflow++;
@@ -324,6 +325,7 @@ static PyObject *rb_exit(RegionBase *self, PyObject *const *args, Py_ssize_t nar
     if (cell->stack[i].ev_start != NULL && events != Py_None) {
         ev_end = PyObject_CallMethodNoArgs(events, str_record);
         if (ev_end == NULL) PyErr_Clear(); /* the region still ends, timed on the host */
+        else if (ev_end == Py_None) Py_CLEAR(ev_end);
         /* record() ran Python code: find our record again */
         for (i = cell->depth - 1; i >= 0; i--)
             if (cell->stack[i].region == (PyObject *)self && !cell->stack[i].closed) break;

@@ -32,6 +32,7 @@ from otel_ml import semconv
 from otel_ml.collection import Collection
 from otel_ml.histogram import LabeledHistograms
 from otel_ml.names import valid_text
+from otel_ml.regions.cuda_events import PENDING
 from otel_ml.regions.pathtree import PathNode
 from otel_ml.regions.recorder import (
     CHILD,
@@ -51,6 +52,10 @@ from otel_ml.regions.stats import PathStats, SummaryRow, build_summary
 
 #: Finished regions kept while waiting for their step's sampling decision.
 MAX_OPEN = 1 << 16
+#: A region waits at most this long (ns after it ended) for its GPU events, and at most this many
+#: finished regions queue behind one that waits; then it is timed on the host (and counted).
+GPU_WAIT_NS = 30_000_000_000
+MAX_GPU_BACKLOG = 1 << 16
 
 
 class Aggregator:
@@ -112,16 +117,22 @@ class Aggregator:
         """Account finished regions in the order they ended (one histogram lock per drain)."""
         finished, events = self.recorder.finished, self.recorder.events
         all_stats, opened, observed = self.stats, self._open, []
+        now = None
         while finished:
             entry = finished[0]
             gpu = None
             start_event, end_event = entry[EV_START], entry[EV_END]
-            if start_event is not None and end_event is not None and events is not None:
-                if not events.ready(end_event):
-                    break  # the GPU is not there yet: later regions wait too, keeping order
-                gpu = events.elapsed_ms(start_event, end_event) / 1e3
-                events.release(start_event, end_event)
+            if start_event is not None or end_event is not None:
+                ms = events.resolve(start_event, end_event) if events is not None else None
+                if ms is PENDING:
+                    now = self.recorder.clock() if now is None else now
+                    if now - entry[END] < GPU_WAIT_NS and len(finished) < MAX_GPU_BACKLOG:
+                        break  # the GPU is not there yet: later regions wait too, keeping order
+                    events.release(start_event, end_event)  # stuck or too far behind: host time
+                    self.recorder.count_error()
+                    ms = None
                 entry[EV_START] = entry[EV_END] = None
+                gpu = None if ms is None else ms / 1e3
             finished.popleft()
             host = (entry[END] - entry[START]) / 1e9
             duration = gpu if gpu is not None else host

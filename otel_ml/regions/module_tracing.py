@@ -141,8 +141,8 @@ class _NodeHooks:
 def _internal_error(exc: Exception) -> None:
     """A failure inside module timing: counted, logged once, never raised into forward or backward."""
     rec = timing._recorder
-    if rec is not None and rec.on_error is not None:
-        rec.on_error()
+    if rec is not None:
+        rec.count_error()
     warn_once("modules-internal", "otel_ml: module timing failed (%r); training continues", exc)
 
 

@@ -218,8 +218,19 @@ class Recorder:
             return
         finished.append(entry)
 
+    def count_error(self) -> None:
+        """Count a failure inside timing that was swallowed to protect the training loop."""
+        if self.on_error is not None:
+            self.on_error()
+
     def collect(self) -> None:
-        """Move the regions the C hot path finished into ``finished`` (export thread)."""
+        """Move the regions the C hot path finished into ``finished`` (export thread).
+
+        ``finished`` is bounded like the C queue: while it is full (regions waiting for their
+        GPU), the C queue keeps the rest and drops, counted, beyond its own bound.
+        """
+        if len(self.finished) >= MAX_FINISHED:
+            return
         if _cregion is not None and (_recorder is self or _recorder is None):
             dropped = _cregion.drain(self.finished)
             if dropped and self._on_drop is not None:

@@ -63,16 +63,20 @@ class Timekeeper:
         console: Console | None = None,
         flags: StepFlags | None = None,
         before: Sequence[Callable[[], None]] = (),
+        cuda: Any | None = None,
+        cudart: Any | None = None,
     ) -> None:
         self._cfg = cfg
         self._rank = rank
         self._run_id = run_id
         self.console = console or Console()
+        self._timing_error = lambda: health.error("timing")
+        self._cuda = (cuda, cudart)  # torch.cuda and the loaded runtime when None
         self.recorder = recorder.Recorder(
             PathTree(cfg.max_span_paths),
-            events=cuda_events_if_active("off" if cfg.cuda_timing == "auto" else cfg.cuda_timing),
+            events=cuda_events_if_active(cfg.cuda_timing, self._timing_error, *self._cuda),
             on_drop=lambda n: health.dropped("spans", n),
-            on_error=lambda: health.error("timing"),
+            on_error=self._timing_error,
             sample_every=cfg.trace_every or 100,
             on_boundary=(module_tracing.step_boundary,),
         )
@@ -96,9 +100,17 @@ class Timekeeper:
         recorder.install(self.recorder)
 
     def tick(self) -> None:
-        """Pump job: turn on CUDA timing once CUDA is up (auto mode), then aggregate."""
-        if self.recorder.events is None and self._cfg.cuda_timing == "auto":
-            self.recorder.events = cuda_events_if_active("auto")
+        """Pump job: turn on CUDA timing once the training code initialised CUDA, then aggregate.
+
+        The check is ``torch.cuda.is_initialized()``, a flag: this thread never initialises CUDA.
+        """
+        if self.recorder.events is None and self._cfg.cuda_timing != "off":
+            self.recorder.events = cuda_events_if_active(
+                self._cfg.cuda_timing, self._timing_error, *self._cuda
+            )
+        events = self.recorder.events
+        if events is not None:
+            events.find_work_device()
         if not self._dynamo_allowed:  # torch.compile may import TorchDynamo at any time
             self._dynamo_allowed = recorder.allow_under_dynamo()
         module_tracing.release_nodes()

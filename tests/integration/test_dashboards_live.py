@@ -47,6 +47,7 @@ NO_DATA_EXPECTED: dict[tuple[str, str], str] = {
     ("otel-ml-training", "GPU memory per rank and device"): (
         "CPU-only machine: otel_ml_gpu_memory_* are absent without CUDA"
     ),
+    ("otel-ml-training", "GPUs of this run"): "CPU-only machine: otel_ml_gpu_info is absent without CUDA",
     ("otel-ml-training", "GPU memory reserved / capacity"): (
         "CPU-only machine: otel_ml:gpu_memory_reserved:ratio has no input without CUDA"
     ),
