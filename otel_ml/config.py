@@ -302,11 +302,20 @@ class Config:
         ),
     )
     max_span_paths: int = field(
-        default=256,
+        default=1024,
         metadata=_opt(
             ("OTEL_ML_MAX_SPAN_PATHS",),
             p.int_parser(1),
-            "Distinct region paths (label `path`); later new paths are counted under `(overflow)`.",
+            "Distinct region paths per process; later new paths are counted under `(overflow)`.",
+        ),
+    )
+    fold_layer_indices: bool = field(
+        default=True,
+        metadata=_opt(
+            ("OTEL_ML_FOLD_LAYER_INDICES",),
+            p.parse_bool,
+            "Export `layers.17` as `layers.*` in the `path` label (one layer's series, not one per "
+            "layer); traces and the summary keep the index.",
         ),
     )
     cuda_timing: str = field(

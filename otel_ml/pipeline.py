@@ -39,6 +39,7 @@ from otel_ml.collection import Collection, PullReader
 from otel_ml.exporters._worker import SinkWorker
 from otel_ml.exporters.sink import Sink
 from otel_ml.health import TelemetryHealth
+from otel_ml.threads import name_native
 
 #: How often the pump thread runs its periodic jobs, in seconds.
 TICK = 0.5
@@ -179,6 +180,7 @@ class Pump:
                 warn_once(f"job:{name}", "otel_ml: background job %s failed: %r (logged once)", name, exc)
 
     def _run(self) -> None:
+        name_native(self._thread.name)
         self._run_jobs(self._once)
         next_push = time.monotonic() + self.interval
         # Wake for the next push when it comes before the next tick (intervals below TICK).

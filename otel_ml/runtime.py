@@ -40,6 +40,7 @@ from otel_ml.anomaly import WATCHED, AnomalyError, AnomalyMonitor
 from otel_ml.collection import Collection
 from otel_ml.config import Config
 from otel_ml.console import Console
+from otel_ml.exporters.exposition import ExpositionReader
 from otel_ml.exporters.files import FileSink
 from otel_ml.exporters.otlp import build_otlp_sink
 from otel_ml.exporters.prometheus import MetricsServer, make_reader, server_security
@@ -95,6 +96,7 @@ class Telemetry:
         self.enabled = cfg.enabled
         self.training: TrainingMetrics | None = None
         self.server: MetricsServer | None = None
+        self.prometheus_reader: ExpositionReader | None = None
         self.pipeline: Pipeline | None = None
         self.pump: Pump | None = None
         self.payload: ProgressPayload | None = None
@@ -117,6 +119,8 @@ class Telemetry:
         collection.register(prepare=self._before_collect)
         readers: list[MetricReader] = list(metric_readers)
         prom_reader = make_reader(collection) if cfg.prometheus else None
+        #: The reader behind ``/metrics`` (``render()`` gives one scrape's body), or None.
+        self.prometheus_reader = prom_reader
         if prom_reader is not None:
             readers.append(prom_reader)
         all_sinks: list[Sink] = list(sinks)

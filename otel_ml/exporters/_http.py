@@ -31,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from otel_ml._logging import warn_once
+from otel_ml.threads import name_native
 
 #: Seconds a client may take for the TLS handshake and for each request.
 REQUEST_TIMEOUT = 5.0
@@ -170,6 +171,7 @@ class HardenedHandler(BaseHTTPRequestHandler):
     public_paths = frozenset({"/healthz"})
 
     def setup(self) -> None:
+        name_native("otel-ml-scrape")  # one thread per connection (ThreadingHTTPServer)
         self.timeout = self.server.request_timeout
         self._key = self.request  # the accepted socket: the server tracks the connection by it
         if self.server.tls is not None:

@@ -26,6 +26,7 @@ from typing import Any
 from otel_ml._logging import logger
 from otel_ml.exporters.sink import Sink
 from otel_ml.health import TelemetryHealth
+from otel_ml.threads import name_native
 
 THREAD_PREFIX = "otel-ml-export"
 #: Spans exported per request at most.
@@ -125,6 +126,7 @@ class SinkWorker:
         )
 
     def _run(self) -> None:
+        name_native(self._thread.name)
         next_spans = time.monotonic() + self._span_delay
         while True:
             with self._cond:

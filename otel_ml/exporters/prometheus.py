@@ -33,6 +33,7 @@ from otel_ml.exporters._http import (
 )
 from otel_ml.exporters.exposition import CONTENT_TYPE, ExpositionReader
 from otel_ml.health import TelemetryHealth
+from otel_ml.threads import name_native
 
 
 def make_reader(collection: Collection | None = None) -> ExpositionReader:
@@ -200,12 +201,12 @@ class MetricsServer:
                 self.wanted_port,
                 self.url,
             )
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="otel-ml-metrics-http",
-            daemon=True,
-        )
+
+        def serve() -> None:
+            name_native("otel-ml-http")
+            server.serve_forever(poll_interval=0.2)
+
+        self._thread = threading.Thread(target=serve, name="otel-ml-http", daemon=True)
         self._thread.start()
         return self.port
 

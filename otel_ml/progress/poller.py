@@ -29,6 +29,7 @@ from otel_ml.console import Console
 from otel_ml.progress.payload import fetch_progress, progress_url, status_from_payload
 from otel_ml.progress.render import RankStatus, compact_line, render_lines, slowest_first
 from otel_ml.rundir import read_endpoints
+from otel_ml.threads import name_native
 
 
 class RankView:
@@ -113,6 +114,7 @@ class RankView:
         )
 
     def _run(self) -> None:
+        name_native("otel-ml-rankview")
         last_line = 0.0
         while not self._stop.wait(self._interval):
             try:

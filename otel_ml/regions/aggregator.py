@@ -55,6 +55,13 @@ MAX_OPEN = 1 << 16
 #: A region waits at most this long (ns after it ended) for its GPU events, and at most this many
 #: finished regions queue behind one that waits; then it is timed on the host (and counted).
 GPU_WAIT_NS = 30_000_000_000
+
+
+def _bounds_for(key: tuple[str, ...]) -> tuple[float, ...]:
+    """Bucket bounds of a path's duration histogram: full at the top level, coarse below it."""
+    return semconv.SPAN_DURATION_BUCKETS if "/" not in key[0] else semconv.SPAN_NESTED_BUCKETS
+
+
 MAX_GPU_BACKLOG = 1 << 16
 
 
@@ -92,7 +99,9 @@ class Aggregator:
             time.time_ns() - time.perf_counter_ns() if wall_offset_ns is None else wall_offset_ns
         )
         self.stats: dict[PathNode, PathStats] = {}
-        self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS)
+        # Full buckets for top-level regions (``forward``, ``data``), few for nested paths: the
+        # series budget (README "Series per rank") is spent where percentiles are read most.
+        self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS, bounds_for=_bounds_for)
         self.traced = {EVERY: 0, SLOW: 0, ANOMALY: 0, ERROR_REASON: 0}
         self.steps = 0
         self.step_time = 0.0
@@ -146,7 +155,7 @@ class Aggregator:
                 stats = all_stats[node] = PathStats(seed=len(all_stats))
                 stats.sampled = entry[REGION].sampled
             stats.add(duration, max(0.0, duration - entry[CHILD]), host, gpu is not None)
-            observed.append(((node.label,), duration))
+            observed.append(((node.export,), duration))
             opened.append(entry)
         if observed:
             self.histograms.observe_many(observed)
@@ -251,14 +260,21 @@ class Aggregator:
         collection.register(metrics=self.metrics)
         labels = self._labels
 
-        def self_seconds(_: CallbackOptions) -> Iterable[Observation]:
+        def per_path(field: str, gpu_only: bool) -> dict[str, float]:
+            """``field`` summed per exported path (folded layers share one)."""
+            totals: dict[str, float] = {}
             with self._lock:
-                items = [(n.label, s.self_total) for n, s in self.stats.items()]
+                for node, stats in self.stats.items():
+                    if not gpu_only or stats.gpu_count:
+                        totals[node.export] = totals.get(node.export, 0.0) + getattr(stats, field)
+            return totals
+
+        def self_seconds(_: CallbackOptions) -> Iterable[Observation]:
+            items = per_path("self_total", False).items()
             return [Observation(v, {**labels, semconv.LABEL_PATH: p}) for p, v in items]
 
         def host_seconds(_: CallbackOptions) -> Iterable[Observation]:
-            with self._lock:
-                items = [(n.label, s.host_total) for n, s in self.stats.items() if s.gpu_count]
+            items = per_path("host_total", True).items()
             return [Observation(v, {**labels, semconv.LABEL_PATH: p}) for p, v in items]
 
         def traced(_: CallbackOptions) -> Iterable[Observation]:

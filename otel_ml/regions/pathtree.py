@@ -2,8 +2,13 @@
 
 Nesting and explicit paths build the same tree: ``span("forward")`` around ``span("encoder")``
 and a bare ``span("forward/encoder")`` both resolve to the node ``forward/encoder``. Names may be
-any Unicode. Each distinct path becomes a ``path`` label value, so the number of nodes is capped;
-past the cap every new path resolves to the ``(overflow)`` node, with one warning.
+any Unicode. The number of nodes is capped; past the cap every new path resolves to the
+``(overflow)`` node, with one warning.
+
+Each node also has the ``path`` label value it is *exported* under (:attr:`PathNode.export`).
+With ``fold_indices`` (the default) the index of a repeated layer is folded: ``LM/layers.17/attn``
+is exported as ``LM/layers.*/attn``, so a 32-layer model adds the series of one layer, not 32.
+Traces and the end-of-run summary keep the full path.
 
 Example::
 
@@ -14,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 import threading
 
 from otel_ml import names
@@ -21,19 +27,29 @@ from otel_ml._logging import warn_once
 
 OVERFLOW = "(overflow)"
 SEPARATOR = "/"
+#: ``layers.17`` -> ``layers.*``: the items of a ``ModuleList``/``ModuleDict`` named by index.
+_INDEX = re.compile(r"\.\d+$")
+
+
+def fold(name: str) -> str:
+    """One path part with a trailing ``.<index>`` folded to ``.*``."""
+    return _INDEX.sub(".*", name)
 
 
 class PathNode:
-    """One region path; ``label`` is the bounded-length value of the ``path`` label."""
+    """One region path; ``label`` is its bounded-length value, ``export`` the one it is exported as."""
 
-    __slots__ = ("children", "depth", "label", "name", "parent", "path")
+    __slots__ = ("children", "depth", "export", "folded", "label", "name", "parent", "path")
 
-    def __init__(self, name: str, parent: PathNode | None) -> None:
+    def __init__(self, name: str, parent: PathNode | None, fold_indices: bool = True) -> None:
         self.name = name
         self.parent = parent
         self.depth = 0 if parent is None else parent.depth + 1
         self.path = name if parent is None or not parent.path else parent.path + SEPARATOR + name
         self.label = names.label_value(self.path)
+        part = fold(name) if fold_indices else name
+        self.folded = part if parent is None or not parent.folded else parent.folded + SEPARATOR + part
+        self.export = names.label_value(self.folded)
         self.children: dict[str, PathNode] = {}
 
     def __repr__(self) -> str:
@@ -55,10 +71,11 @@ class PathTree:
         tree.resolve(tree.root, split("data/collate")).path  # 'data/collate'
     """
 
-    def __init__(self, max_paths: int = 256) -> None:
+    def __init__(self, max_paths: int = 1024, *, fold_indices: bool = True) -> None:
         self.root = PathNode("", None)
         self.overflow = PathNode(OVERFLOW, self.root)
         self.max_paths = max_paths
+        self.fold_indices = fold_indices
         self.count = 0
         self._lock = threading.Lock()
 
@@ -86,7 +103,7 @@ class PathTree:
                     OVERFLOW,
                 )
                 return self.overflow
-            node = PathNode(name, parent)
+            node = PathNode(name, parent, self.fold_indices)
             parent.children[name] = node
             self.count += 1
             return node

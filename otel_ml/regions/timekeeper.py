@@ -73,7 +73,7 @@ class Timekeeper:
         self._timing_error = lambda: health.error("timing")
         self._cuda = (cuda, cudart)  # torch.cuda and the loaded runtime when None
         self.recorder = recorder.Recorder(
-            PathTree(cfg.max_span_paths),
+            PathTree(cfg.max_span_paths, fold_indices=cfg.fold_layer_indices),
             events=cuda_events_if_active(cfg.cuda_timing, self._timing_error, *self._cuda),
             on_drop=lambda n: health.dropped("spans", n),
             on_error=self._timing_error,

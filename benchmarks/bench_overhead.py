@@ -1,0 +1,288 @@
+"""What full instrumentation costs a user: separate processes, plain vs. instrumented, in pairs.
+
+    python benchmarks/bench_overhead.py            # 10 pairs + 5 control pairs, about 4 minutes
+    python benchmarks/bench_overhead.py --quick    # 3 + 2 pairs, a smoke run
+
+Each run is its own process training the same small CPU transformer (``torch.set_num_threads(1)``,
+about 18 ms a step) for a fixed number of steps after a warm-up; it reports the wall time of the
+measured steps. *Instrumented* adds what a user would: ``otel_ml.init()``, four regions per step
+(``data``, ``forward``, ``backward``, ``optimizer``), ``trace_modules(model, depth=3)``,
+``otel_ml.tqdm`` over the steps and ``log()`` with six scalars, while another process scrapes its
+``/metrics`` every second, as Prometheus would. Runs alternate in pairs (plain/instrumented,
+the order flipped every pair, so drift cancels); control pairs run plain against plain in the
+same session and show the noise floor. The overhead is the median of the pairs' ratios, with
+the interquartile range of the pairs.
+
+Instrumented runs also report, from ``/proc/self/task/*/stat``, the CPU each otel_ml thread used
+per second of training (threads carry native names: ``otel-ml-pump``, ``otel-ml-http``,
+``otel-ml-scrape``, ...), the pump's CPU per tick, and one scrape's encode time and size.
+
+Targets: overhead <= 0.5% with the control within +-0.5%; otel_ml's threads <= 2 ms CPU per
+second of training; a scrape of this rank <= 500 series and <= 10 ms to encode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = r"""
+import json, os, sys, time
+import torch
+from torch import nn
+
+mode, steps, warmup, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+torch.set_num_threads(1)
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=512, d=128, layers=4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([Block(d) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.norm(h))
+
+
+model = TinyLM()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+batches = [torch.randint(0, 512, (4, 32)) for _ in range(8)]
+instrumented = mode == "instrumented"
+if instrumented:
+    import otel_ml
+    telemetry = otel_ml.init(prometheus_port=port, prometheus_host="127.0.0.1", run_id="bench-overhead",
+                             run_dir=os.environ["BENCH_RUN_DIR"], summary=False, files="off")
+    otel_ml.trace_modules(model, depth=3)
+    span, log = otel_ml.span, otel_ml.log
+    progress = otel_ml.tqdm(total=warmup + steps, desc="train", unit="step", mininterval=1.0,
+                            file=open(os.devnull, "w"))
+else:
+    import contextlib
+    span = lambda name: contextlib.nullcontext()
+    log = None
+    progress = None
+
+
+def cpu_by_thread():
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks = int(fields[11]) + int(fields[12])  # utime + stime
+        out[f"{name}:{tid}"] = ticks / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def step(i):
+    with span("data"):
+        x = batches[i % len(batches)]
+    with span("forward"):
+        logits = model(x[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 512), x[:, 1:].reshape(-1))
+    with span("backward"):
+        loss.backward()
+    with span("optimizer"):
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if log is not None:
+        log(i, loss=loss, lr=1e-3, grad_norm=norm, samples=4, tokens=4 * 31, kl=0.01)
+    if progress is not None:
+        progress.update(1)
+
+
+for i in range(warmup):
+    step(i)
+before = cpu_by_thread()
+started = time.perf_counter()
+for i in range(warmup, warmup + steps):
+    step(i)
+elapsed = time.perf_counter() - started
+after = cpu_by_thread()
+result = {"mode": mode, "seconds": elapsed, "steps": steps}
+if instrumented:
+    threads = {}
+    for key, cpu in after.items():
+        name = key.split(":")[0]
+        threads[name] = threads.get(name, 0.0) + cpu - before.get(key, 0.0)
+    result["thread_cpu_s"] = threads
+    reader = telemetry.prometheus_reader
+    body = reader.render()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        body = reader.render()
+    result["encode_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+    result["series"] = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+    result["bytes"] = len(body)
+    progress.close()
+    telemetry.shutdown(5)
+print(json.dumps(result))
+"""
+
+SCRAPER = r"""
+import sys, time, urllib.request
+url, interval = sys.argv[1], float(sys.argv[2])
+while True:
+    try:
+        urllib.request.urlopen(url, timeout=2).read()
+    except OSError:
+        pass
+    time.sleep(interval)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(mode: str, steps: int, warmup: int, scrape: float, tmp: Path) -> dict:
+    port = free_port()
+    env = {
+        **os.environ,
+        "BENCH_RUN_DIR": str(tmp / f"run-{time.monotonic_ns()}"),
+        "OTEL_ML_TIMING_TABLE": "0",
+    }
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    scraper = None
+    if mode == "instrumented":
+        url = f"http://127.0.0.1:{port}/metrics"
+        scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(scrape)])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER, mode, str(steps), str(warmup), str(port)],
+            capture_output=True, text=True, env=env, timeout=600, check=False,
+        )  # fmt: skip
+    finally:
+        if scraper is not None:
+            scraper.kill()
+            scraper.wait()
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} run failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:+.2f} %"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 pairs + 2 control pairs, fewer steps")
+    parser.add_argument("--pairs", type=int, help="plain/instrumented pairs (default 10, quick 3)")
+    parser.add_argument("--control", type=int, help="plain/plain pairs (default 5, quick 2)")
+    parser.add_argument("--steps", type=int, help="measured steps per run (default 200, quick 60)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--scrape", type=float, default=1.0, help="seconds between /metrics scrapes")
+    args = parser.parse_args()
+    pairs = args.pairs or (3 if args.quick else 10)
+    control = args.control if args.control is not None else (2 if args.quick else 5)
+    steps = args.steps or (60 if args.quick else 200)
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-overhead-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    ratios, controls, instrumented = [], [], []
+    schedule = [("pair", i) for i in range(pairs)] + [("control", i) for i in range(control)]
+    for kind, index in schedule:
+        first, second = ("plain", "instrumented") if kind == "pair" else ("plain", "plain")
+        order = (first, second) if index % 2 == 0 else (second, first)
+        results = {}
+        for slot, mode in enumerate(order):
+            results[(mode, slot)] = run(mode, steps, args.warmup, args.scrape, tmp)
+        if kind == "pair":
+            plain = next(r for (m, _), r in results.items() if m == "plain")
+            instr = next(r for (m, _), r in results.items() if m == "instrumented")
+            ratios.append(instr["seconds"] / plain["seconds"] - 1)
+            instrumented.append(instr)
+        else:
+            a, b = (results[(m, s)] for m, s in sorted(results))
+            controls.append(b["seconds"] / a["seconds"] - 1)
+        times = ", ".join(f"{m} {r['seconds']:.3f} s" for (m, _), r in results.items())
+        print(f"  {kind} {index + 1}: {times}", file=sys.stderr, flush=True)
+
+    step_ms = statistics.median(r["seconds"] for r in instrumented) / steps * 1e3
+    low, mid, high = quartiles(ratios)
+    c_low, c_mid, c_high = quartiles(controls) if controls else (0.0, 0.0, 0.0)
+    per_thread: dict[str, list[float]] = {}
+    for r in instrumented:
+        for name, cpu in r["thread_cpu_s"].items():
+            per_thread.setdefault(name, []).append(cpu / r["seconds"] * 1e3)
+    background = [
+        sum(cpu for name, cpu in r["thread_cpu_s"].items() if name.startswith("otel-ml")) / r["seconds"] * 1e3
+        for r in instrumented
+    ]
+    series = statistics.median(r["series"] for r in instrumented)
+    encode = statistics.median(r["encode_ms"] for r in instrumented)
+    size = statistics.median(r["bytes"] for r in instrumented)
+    pump = statistics.median(per_thread.get("otel-ml-pump", [0.0])) / 2  # ms per tick: 2 ticks/s
+
+    print("\n### Overhead as a user pays it (`python benchmarks/bench_overhead.py`)\n")
+    print(f"{pairs} plain/instrumented pairs, {control} plain/plain control pairs, {steps} steps of "
+          f"{step_ms:.1f} ms each, `/metrics` scraped every {args.scrape:g} s\n")  # fmt: skip
+    print("| measured | median | interquartile range |\n|---|---|---|")
+    print(f"| **Overhead, instrumented vs. plain** | **{pct(mid)}** | {pct(low)} to {pct(high)} |")
+    print(f"| Control, plain vs. plain | {pct(c_mid)} | {pct(c_low)} to {pct(c_high)} |")
+    bg_low, bg_mid, bg_high = quartiles(background)
+    print(
+        f"| otel_ml threads, CPU per second of training | {bg_mid:.2f} ms | {bg_low:.2f}-{bg_high:.2f} ms |"
+    )
+    print(f"| Pump, CPU per tick (0.5 s) | {pump:.3f} ms | |")
+    print(f"| One scrape: series / bytes / encode | {series:.0f} / {size / 1024:.1f} KiB / {encode:.2f} ms | "
+          f"{encode / max(series, 1) * 1000:.2f} ms per 1,000 series |")  # fmt: skip
+    print("\n| thread (native name) | CPU ms per second of training (median) |\n|---|---|")
+    for name, values in sorted(per_thread.items(), key=lambda kv: -statistics.median(kv[1])):
+        print(f"| `{name}` | {statistics.median(values):.2f} |")
+    verdicts = [
+        ("overhead <= 0.5 %", mid <= 0.005),
+        ("control within +-0.5 %", abs(c_mid) <= 0.005),
+        ("otel_ml threads <= 2 ms CPU/s", bg_mid <= 2.0),
+        ("scrape <= 500 series and <= 10 ms", series <= 500 and encode <= 10.0),
+    ]
+    print("\nTargets: " + "; ".join(f"{label}: **{'PASS' if ok else 'FAIL'}**" for label, ok in verdicts))
+    print(f"\n(total {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
