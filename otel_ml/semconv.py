@@ -355,11 +355,7 @@ STEP_DURATION_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 
-#: Bucket bounds for nested region paths (``forward/encoder``, module paths), in seconds: enough
-#: for a coarse p95, at 7 series per path instead of 19 (README "Series per rank").
-SPAN_NESTED_BUCKETS: tuple[float, ...] = (0.0001, 0.001, 0.01, 0.1, 1.0)
-
-#: Bucket bounds for top-level region durations, in seconds (50 µs to 10 s).
+#: Bucket bounds for region durations, in seconds (50 µs to 10 s).
 SPAN_DURATION_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,

@@ -57,11 +57,6 @@ MAX_OPEN = 1 << 16
 GPU_WAIT_NS = 30_000_000_000
 
 
-def _bounds_for(key: tuple[str, ...]) -> tuple[float, ...]:
-    """Bucket bounds of a path's duration histogram: full at the top level, coarse below it."""
-    return semconv.SPAN_DURATION_BUCKETS if "/" not in key[0] else semconv.SPAN_NESTED_BUCKETS
-
-
 MAX_GPU_BACKLOG = 1 << 16
 
 
@@ -99,9 +94,7 @@ class Aggregator:
             time.time_ns() - time.perf_counter_ns() if wall_offset_ns is None else wall_offset_ns
         )
         self.stats: dict[PathNode, PathStats] = {}
-        # Full buckets for top-level regions (``forward``, ``data``), few for nested paths: the
-        # series budget (README "Series per rank") is spent where percentiles are read most.
-        self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS, bounds_for=_bounds_for)
+        self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS)
         self.traced = {EVERY: 0, SLOW: 0, ANOMALY: 0, ERROR_REASON: 0}
         self.steps = 0
         self.step_time = 0.0
