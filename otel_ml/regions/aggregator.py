@@ -55,8 +55,6 @@ MAX_OPEN = 1 << 16
 #: A region waits at most this long (ns after it ended) for its GPU events, and at most this many
 #: finished regions queue behind one that waits; then it is timed on the host (and counted).
 GPU_WAIT_NS = 30_000_000_000
-
-
 MAX_GPU_BACKLOG = 1 << 16
 
 
