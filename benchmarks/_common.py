@@ -1,5 +1,6 @@
-"""Pieces every benchmark shares: the machine facts line printed above each table, and an OTel
-span exporter that discards (to measure span creation without any export cost).
+"""Pieces every benchmark shares: the machine facts line printed above each table, an OTel span
+exporter that discards (to measure span creation without any export cost), and the scraper
+process that stands in for Prometheus.
 
 The benchmarks run as scripts (``python benchmarks/bench_x.py``), so this imports as ``_common``.
 """
@@ -8,13 +9,34 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+#: Prometheus' stand-in, a separate process like the real one: ``python -c SCRAPER url seconds``.
+SCRAPER = textwrap.dedent(
+    """
+    import sys, time, urllib.request
+    url, every = sys.argv[1], float(sys.argv[2])
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+        except OSError:
+            pass
+        time.sleep(every)
+    """
+)
+
+
+def start_scraper(url: str, every: float) -> subprocess.Popen:
+    """Scrape ``url`` every ``every`` seconds from another process until it is killed."""
+    return subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(every)])
 
 
 class Discard(SpanExporter):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _common import start_scraper  # noqa: E402
+
+from tests.support.net import free_port  # noqa: E402
 
 WORKER = r"""
 import json, os, sys, time
@@ -152,23 +156,6 @@ if instrumented:
 print(json.dumps(result))
 """
 
-SCRAPER = r"""
-import sys, time, urllib.request
-url, interval = sys.argv[1], float(sys.argv[2])
-while True:
-    try:
-        urllib.request.urlopen(url, timeout=2).read()
-    except OSError:
-        pass
-    time.sleep(interval)
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(mode: str, steps: int, warmup: int, scrape: float, tmp: Path) -> dict:
     port = free_port()
@@ -181,7 +168,7 @@ def run(mode: str, steps: int, warmup: int, scrape: float, tmp: Path) -> dict:
     scraper = None
     if mode == "instrumented":
         url = f"http://127.0.0.1:{port}/metrics"
-        scraper = subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(scrape)])
+        scraper = start_scraper(url, scrape)
     try:
         done = subprocess.run(
             [sys.executable, "-c", WORKER, mode, str(steps), str(warmup), str(port)],

@@ -34,21 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import start_scraper  # noqa: E402
+
 import otel_ml  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
-SCRAPER = textwrap.dedent(
-    """
-    import sys, time, urllib.request
-    url, every = sys.argv[1], float(sys.argv[2])
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5).read()
-        except OSError:
-            pass
-        time.sleep(every)
-    """
-)
 RECEIVER = textwrap.dedent(
     """
     import sys, time
@@ -79,10 +69,6 @@ def _series(url: str) -> tuple[int, int]:
     return len(lines), len(body)
 
 
-def _scraper(url: str, every: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(every)])
-
-
 def part_a(url: str, rounds: int, steps: int) -> list[str]:
     import torch
     from torch import nn
@@ -99,7 +85,9 @@ def part_a(url: str, rounds: int, steps: int) -> list[str]:
     for r in range(rounds):
         order = list(times)[r % 3 :] + list(times)[: r % 3]
         for mode in order:
-            scraper = None if mode == "no scrape" else _scraper(url, 1.0 if mode.startswith("1") else 0.2)
+            scraper = (
+                None if mode == "no scrape" else start_scraper(url, 1.0 if mode.startswith("1") else 0.2)
+            )
             time.sleep(0.3)
             for _ in range(steps):
                 t0 = time.perf_counter()
@@ -136,7 +124,7 @@ def part_a(url: str, rounds: int, steps: int) -> list[str]:
 def part_b(url: str, steps: int) -> list[str]:
     names = [f"block.{i}/{p}" for i in range(5) for p in ("a", "b", "c")] + ["data", "opt"]
     bar = otel_ml.tqdm(total=steps, desc="soak", file=io.StringIO())
-    scraper = _scraper(url, 1.0)
+    scraper = start_scraper(url, 1.0)
     checkpoints = []
     chunk = max(1, steps // 10)
     chunk_start = time.perf_counter()
