@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -29,11 +29,10 @@ from opentelemetry.sdk.metrics.export import (
 
 
 class _Series:
-    __slots__ = ("bounds", "counts", "max", "min", "sum")
+    __slots__ = ("counts", "max", "min", "sum")
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
         self.sum = 0.0
         self.min = float("inf")
         self.max = float("-inf")
@@ -52,14 +51,8 @@ class LabeledHistograms:
         h.snapshot()[("a",)]  # ([0, 1, 0], 1.5, 1.5, 1.5)
     """
 
-    def __init__(
-        self,
-        bounds: Sequence[float],
-        bounds_for: Callable[[tuple[str, ...]], Sequence[float]] | None = None,
-    ) -> None:
+    def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = tuple(bounds)
-        #: Bucket bounds of a new series by its key (default: ``bounds`` for every series).
-        self._bounds_for = bounds_for
         self._series: dict[tuple[str, ...], _Series] = {}
         self._lock = threading.Lock()
         self.start_ns = time.time_ns()
@@ -69,32 +62,23 @@ class LabeledHistograms:
 
     def observe_many(self, observations: Iterable[tuple[tuple[str, ...], float]]) -> None:
         """``observe`` for each ``(key, value)``, under one lock acquisition."""
-        all_series = self._series
+        bounds, all_series = self.bounds, self._series
         with self._lock:
             for key, value in observations:
                 series = all_series.get(key)
                 if series is None:
-                    series = all_series[key] = _Series(self._series_bounds(key))
-                series.counts[bisect_left(series.bounds, value)] += 1
+                    series = all_series[key] = _Series(len(bounds) + 1)
+                series.counts[bisect_left(bounds, value)] += 1
                 series.sum += value
                 if value < series.min:
                     series.min = value
                 if value > series.max:
                     series.max = value
 
-    def _series_bounds(self, key: tuple[str, ...]) -> tuple[float, ...]:
-        return self.bounds if self._bounds_for is None else tuple(self._bounds_for(key))
-
     def snapshot(self) -> dict[tuple[str, ...], tuple[list[int], float, float, float]]:
         """{key: (bucket counts, sum, min, max)}, a consistent copy."""
         with self._lock:
             return {k: (list(s.counts), s.sum, s.min, s.max) for k, s in self._series.items()}
-
-    def bounds_of(self, key: tuple[str, ...]) -> tuple[float, ...]:
-        """The bucket bounds of series ``key``."""
-        with self._lock:
-            series = self._series.get(key)
-        return series.bounds if series is not None else self._series_bounds(key)
 
     def to_metric(
         self,
@@ -117,7 +101,7 @@ class LabeledHistograms:
                 count=sum(counts),
                 sum=total,
                 bucket_counts=counts,
-                explicit_bounds=self.bounds_of(key),
+                explicit_bounds=self.bounds,
                 min=low,
                 max=high,
             )
