@@ -96,17 +96,18 @@ else:
 
 
 def cpu_by_thread():
+    # CPU seconds per live thread (schedstat, in ns), of the main thread and of the whole process.
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 name = f.read().strip()
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                out[f"{name}:{tid}"] = int(f.read().split()[0]) / 1e9
         except OSError:
             continue
-        ticks = int(fields[11]) + int(fields[12])  # utime + stime
-        out[f"{name}:{tid}"] = ticks / os.sysconf("SC_CLK_TCK")
+    out["(process)"] = time.process_time()  # every thread, those that have exited included
+    out["(main)"] = time.thread_time()
     return out
 
 
@@ -142,6 +143,10 @@ if instrumented:
     for key, cpu in after.items():
         name = key.split(":")[0]
         threads[name] = threads.get(name, 0.0) + cpu - before.get(key, 0.0)
+    # Threads that exited while measuring (one per scrape connection) are in the process total only.
+    live = sum(cpu for name, cpu in threads.items() if not name.startswith("("))
+    threads["(exited threads)"] = max(0.0, threads.pop("(process)") - live)
+    threads["(background, all)"] = threads["(exited threads)"] + live - threads.pop("(main)")
     result["thread_cpu_s"] = threads
     reader = telemetry.prometheus_reader
     body = reader.render()
@@ -236,7 +241,9 @@ def main() -> int:
         for name, cpu in r["thread_cpu_s"].items():
             per_thread.setdefault(name, []).append(cpu / r["seconds"] * 1e3)
     background = [
-        sum(cpu for name, cpu in r["thread_cpu_s"].items() if name.startswith("otel-ml")) / r["seconds"] * 1e3
+        sum(cpu for name, cpu in r["thread_cpu_s"].items() if name.startswith(("otel-ml", "(exited")))
+        / r["seconds"]
+        * 1e3
         for r in instrumented
     ]
     series = statistics.median(r["series"] for r in instrumented)

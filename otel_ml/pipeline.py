@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -92,7 +92,11 @@ class Pipeline:
         self._push_reader = PullReader(collection) if self.workers else None
         all_readers = [*readers, *([self._push_reader] if self._push_reader else [])]
         self.meter_provider = MeterProvider(
-            resource=resource, metric_readers=all_readers, shutdown_on_exit=False
+            resource=resource,
+            metric_readers=all_readers,
+            shutdown_on_exit=False,
+            # otel_ml's instruments are observable: exemplars would only cost time per collection.
+            exemplar_filter=AlwaysOffExemplarFilter(),
         )
         self.tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         if self.workers:

@@ -284,6 +284,52 @@ def test_log_implies_step_boundaries_until_step_end_is_used(env):
     assert aggregator.steps == 2
 
 
+def test_sampled_steps_build_spans_only_while_a_span_processor_listens():
+    clock = FakeClock(0, tick=MS)
+    recorder = timing.Recorder(PathTree(max_paths=50), clock=clock)
+    provider = TracerProvider(shutdown_on_exit=False)  # no processor yet: nothing receives spans
+    aggregator = Aggregator(
+        recorder, provider.get_tracer("t"), {"rank": "0", "run_id": "r"}, sampler=TraceSampler(every=1)
+    )
+    timing.install(recorder)
+    try:
+        with otel_ml.span("work"):
+            clock.advance(3)
+        recorder.step_end(0)
+        aggregator.process()
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))  # added later: honoured from now
+        with otel_ml.span("work"):
+            clock.advance(3)
+        recorder.step_end(1)
+        aggregator.process()
+    finally:
+        timing.install(None)
+    assert aggregator.traced["every"] == 2  # both steps were sampled and counted
+    roots = [s for s in exporter.get_finished_spans() if s.name == "otel_ml.step"]
+    assert [s.attributes["otel_ml.step"] for s in roots] == [1]
+    assert aggregator.stats and aggregator.steps == 2  # timing itself is unaffected
+
+
+def test_a_logged_loss_tensor_is_not_kept_alive_by_the_step_boundary(env):
+    torch = pytest.importorskip("torch")
+    import gc
+    import weakref
+
+    recorder, aggregator, exporter, _ = env
+    weight = torch.ones(3, requires_grad=True)
+    loss = (weight * 2).sum()
+    alive = weakref.ref(loss)  # with it, its autograd graph
+    recorder.implied_step_end(1, 0.001, {"loss": loss, "lr": 0.5, "step_count": 3})
+    del loss
+    gc.collect()
+    assert alive() is None  # freed by the training thread, as without otel_ml
+    recorder.implied_step_end(2, 0.002, {})
+    aggregator.process()
+    root = next(s for s in exporter.get_finished_spans() if s.name == "otel_ml.step")
+    assert root.attributes["otel_ml.value.lr"] == 0.5 and root.attributes["otel_ml.value.step_count"] == 3
+
+
 def _on_a_thread(function) -> None:
     """Run ``function`` on another thread, as the pump does (its current CUDA device is 0)."""
     thread = threading.Thread(target=function, name="otel-ml-pump")

@@ -58,6 +58,14 @@ GPU_WAIT_NS = 30_000_000_000
 MAX_GPU_BACKLOG = 1 << 16
 
 
+def has_span_destination(tracer: Tracer) -> bool:
+    """False when ``tracer`` is an SDK tracer with no span processor (nothing would receive the
+    spans of a sampled step, so building them is skipped; the step still counts as traced).
+    Read on every sampled step: a processor added later is honoured from then on."""
+    processors = getattr(getattr(tracer, "span_processor", None), "_span_processors", None)
+    return processors is None or len(processors) > 0
+
+
 class Aggregator:
     """Aggregates finished regions and emits spans for sampled steps (see module docstring).
 
@@ -183,7 +191,8 @@ class Aggregator:
                 reason = ERROR_REASON  # a step where a region raised is always traced
             if reason is not None:
                 self.traced[reason] += 1
-                self._emit(step, start_ns, end_ns, values or {}, reason, inside, events or ())
+                if has_span_destination(self._tracer):
+                    self._emit(step, start_ns, end_ns, values or {}, reason, inside, events or ())
             for callback in self._on_window:
                 callback(self, step, duration)
 

@@ -246,7 +246,10 @@ class Recorder:
     def implied_step_end(self, step: int, mono_seconds: float, values: Mapping[str, Any]) -> None:
         """Called by ``log()`` when the step number changes, unless ``step_end()`` is in use."""
         if not self.explicit_steps:
-            self.boundaries.append((step, int(mono_seconds * 1e9), values))
+            # Numbers only (the span attributes of a sampled step): a logged loss tensor kept here
+            # would keep its autograd graph alive until the pump drains it, and free it there.
+            numbers = {k: v for k, v in values.items() if v.__class__ is float or v.__class__ is int}
+            self.boundaries.append((step, int(mono_seconds * 1e9), numbers))
             for callback in self.on_boundary:
                 callback()
 
