@@ -7,6 +7,8 @@ appends a unit suffix unless the name already ends with it (``s`` -> ``_seconds`
 to counters. ``tests/test_semconv.py`` checks the README table against :data:`METRICS`, and the
 integration tests check the names against a real ``/metrics`` scrape.
 
+Over 400 lines: one table of every name, the integrations' included, is the point of the module.
+
 Example::
 
     from otel_ml import semconv
@@ -38,6 +40,12 @@ LABEL_GPU_UUID = "gpu_uuid"
 LABEL_PCI_BUS_ID = "pci_bus_id"
 LABEL_GPU_NAME = "gpu_name"
 LABEL_HOST = "host"
+#: Labels of the integrations' series (``otel_ml.integrations``).
+LABEL_TAG = "tag"
+LABEL_OPERATION = "operation"
+LABEL_OUTCOME = "outcome"
+LABEL_ROLE = "role"
+LABEL_STATE = "state"
 
 # Resource attributes (OTel semantic conventions where they exist, ``otel_ml.*`` otherwise).
 RESOURCE_RUN_ID = "otel_ml.run_id"
@@ -297,6 +305,67 @@ ANOMALIES = MetricSpec(
     "in-process detectors",
     (LABEL_TYPE,),
 )
+# Series of the integrations (otel_ml.integrations): present only where one is in use.
+SCALAR = MetricSpec(
+    "otel_ml_scalar",
+    "1",
+    "gauge",
+    "Last finite value written to a TensorBoard SummaryWriter, per tag (at most 256 tags; later ones "
+    "are dropped and counted).",
+    "`add_scalar`/`add_scalars` with `otel_ml.integrations.tensorboard`",
+    (LABEL_TAG,),
+)
+SCALAR_NONFINITE = MetricSpec(
+    "otel_ml_scalar_nonfinite",
+    "{value}",
+    "counter",
+    "NaN or Inf values written to a TensorBoard SummaryWriter, per tag (starts at 0 with the tag).",
+    "`add_scalar`/`add_scalars` with `otel_ml.integrations.tensorboard`",
+    (LABEL_TAG,),
+)
+ELASTIC_OPERATIONS = MetricSpec(
+    "otel_ml_elastic_operations",
+    "{operation}",
+    "counter",
+    "Operations of the torchelastic agent (rendezvous, restart_workers, start_workers, ...) by outcome "
+    '(success, failure); restarts are operation="restart_workers".',
+    "`torch.distributed.elastic.metrics` with `otel_ml.integrations.torchelastic`",
+    (LABEL_OPERATION, LABEL_OUTCOME),
+)
+ELASTIC_OPERATION_DURATION = MetricSpec(
+    "otel_ml_elastic_operation_duration_seconds",
+    "s",
+    "gauge",
+    "Duration of the last run of each torchelastic agent operation.",
+    "`torch.distributed.elastic.metrics` with `otel_ml.integrations.torchelastic`",
+    (LABEL_OPERATION,),
+)
+ELASTIC_REMAINING_RESTARTS = MetricSpec(
+    "otel_ml_elastic_remaining_restarts",
+    "{restart}",
+    "gauge",
+    "Restarts the torchelastic agent may still make for this worker role (of --max-restarts).",
+    "`torch.distributed.elastic.metrics` with `otel_ml.integrations.torchelastic`",
+    (LABEL_ROLE,),
+)
+ELASTIC_WORKER_STATE = MetricSpec(
+    "otel_ml_elastic_worker_state",
+    "1",
+    "gauge",
+    "1 for the state the torchelastic agent last saw its worker group in (healthy, unhealthy, failed, "
+    "succeeded), 0 for the states seen before.",
+    "`torch.distributed.elastic.metrics` with `otel_ml.integrations.torchelastic`",
+    (LABEL_ROLE, LABEL_STATE),
+)
+#: The series only the integrations emit (a plain ``init()`` + ``log()`` run has none of them).
+INTEGRATION_METRICS: tuple[MetricSpec, ...] = (
+    SCALAR,
+    SCALAR_NONFINITE,
+    ELASTIC_OPERATIONS,
+    ELASTIC_OPERATION_DURATION,
+    ELASTIC_REMAINING_RESTARTS,
+    ELASTIC_WORKER_STATE,
+)
 #: Template for any other scalar passed to log(): ``kl=`` becomes ``otel_ml_kl``.
 USER_GAUGE_UNIT = "1"
 #: Scalars that are not built in but that the shipped dashboards, rules and runbook read by
@@ -336,6 +405,7 @@ METRICS: tuple[MetricSpec, ...] = (
     PROGRESS_ACTIVE,
     ANOMALY_ACTIVE,
     ANOMALIES,
+    *INTEGRATION_METRICS,
 )
 
 #: Every Prometheus name otel_ml owns; a user key that would collide is renamed.

@@ -39,6 +39,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("runtime", ("otel_ml.runtime",)),
     ("entry points", ("otel_ml", "otel_ml.cli", "otel_ml.cli.", "otel_ml._testing")),
+    # Framework glue on top of the public API: nothing in otel_ml imports it.
+    ("integrations", ("otel_ml.integrations", "otel_ml.integrations.")),
 )  # fmt: skip
 
 

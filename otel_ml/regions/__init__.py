@@ -12,6 +12,6 @@ Example::
 """
 
 from otel_ml.regions.module_tracing import ModuleTracer, trace_modules
-from otel_ml.regions.recorder import ACCELERATED, Region, span, step_end
+from otel_ml.regions.recorder import ACCELERATED, Region, record, span, step_end
 
-__all__ = ["ACCELERATED", "ModuleTracer", "Region", "span", "step_end", "trace_modules"]
+__all__ = ["ACCELERATED", "ModuleTracer", "Region", "record", "span", "step_end", "trace_modules"]

@@ -520,3 +520,47 @@ def current_path() -> str | None:
     while entry is not None and entry[END] is not None:
         entry = entry[PARENT]
     return None if entry is None else entry[NODE].path
+
+
+def record(name: str, seconds: float, children: Mapping[str, float] | None = None) -> None:
+    """Record a region of ``seconds`` that ended now, timed by someone else (a framework's timer,
+    such as verl's ``timing_s/*``); it nests under the caller's open region, if any. ``children``
+    (name -> seconds) are recorded as its child regions, ending when it ends, so that its self
+    time excludes them.
+
+    No-op before ``init()``; negative or non-finite durations are skipped.
+
+    Example::
+
+        otel_ml.regions.record("step", 3.1, {"gen": 1.7, "update_actor": 0.9})  # path step/gen, ...
+    """
+    rec = _live
+    if rec is None or not 0.0 <= seconds < float("inf"):
+        return
+    parent = top_entry()
+    while parent is not None and parent[END] is not None:
+        parent = parent[PARENT]
+    end = rec.clock()
+    entry = _recorded(rec, name, seconds, parent, end)
+    for child, child_seconds in (children or {}).items():
+        if 0.0 <= child_seconds < float("inf"):
+            rec.finish(_recorded(rec, child, child_seconds, entry, end))  # before the parent: self time
+    rec.finish(entry)
+
+
+def _recorded(rec: Recorder, name: str, seconds: float, parent: list | None, end: int) -> list:
+    node = rec.tree.resolve(rec.tree.root if parent is None else parent[NODE], split(name))
+    entry = new_record(node, parent, _RECORDED)
+    entry[START], entry[END] = end - int(seconds * 1e9), end
+    return entry
+
+
+class _Recorded:
+    """The region object of the entries :func:`record` makes (never sampled)."""
+
+    __slots__ = ()
+    sampled = False
+    name = "(recorded)"
+
+
+_RECORDED = _Recorded()

@@ -41,9 +41,13 @@ TRAINER = textwrap.dedent(
     """
 )
 
-#: Series every CPU run must expose (GPU memory and CUDA host time are absent without CUDA).
+#: Series every CPU run must expose (GPU memory, CUDA host time and the integrations' series are absent).
 EXPECTED = [
-    s for s in semconv.METRICS if not s.name.startswith("otel_ml_gpu_") and s is not semconv.SPAN_HOST
+    s
+    for s in semconv.METRICS
+    if not s.name.startswith("otel_ml_gpu_")
+    and s is not semconv.SPAN_HOST
+    and s not in semconv.INTEGRATION_METRICS
 ]
 
 
