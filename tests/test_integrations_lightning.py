@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from otel_ml.integrations.lightning import OtelMLCallback, OtelMLLogger
-from tests.support.integrations import options, scrape, start, value_of
+from tests.support.integrations import by_path, options, scrape, start, value_of
 
 
 class TinyRegression(pl.LightningModule):
@@ -84,9 +84,7 @@ def test_callback_exports_regions_loss_metrics_and_progress(tmp_path):
     assert value_of(samples, "otel_ml_train_mse") is not None
     assert value_of(samples, "otel_ml_val_loss") is not None
     assert value_of(samples, "otel_ml_samples_total") == 6 * 8
-    counts = {
-        labels["path"]: v for labels, v in samples["otel_ml_span_duration_seconds_count"] if "path" in labels
-    }
+    counts = by_path(samples)
     assert counts["step"] == 6
     assert counts["step/optimizer"] == 6
     assert counts["data"] == 6

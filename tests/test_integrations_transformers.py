@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import otel_ml
 from otel_ml.integrations.transformers import OtelMLCallback
-from tests.support.integrations import TokenDataset, options, scrape, start, tiny_gpt2, value_of
+from tests.support.integrations import TokenDataset, by_path, options, scrape, start, tiny_gpt2, value_of
 
 
 def _args(tmp_path, **extra) -> TrainingArguments:
@@ -84,9 +84,7 @@ def test_trainer_exports_regions_raw_loss_progress_and_throughput(tmp_path):
     assert value_of(samples, "otel_ml_eval_loss") is not None
     assert value_of(samples, "otel_ml_samples_total") == 6 * 2 * 4  # steps x accumulation x batch
     assert value_of(samples, "otel_ml_tokens_total") == 6 * 2 * 4 * 12
-    counts = {
-        labels["path"]: v for labels, v in samples["otel_ml_span_duration_seconds_count"] if "path" in labels
-    }
+    counts = by_path(samples)
     assert counts["step"] == 6
     assert counts["step/forward_backward"] == 6
     assert counts["step/optimizer"] == 6

@@ -82,3 +82,8 @@ class TokenDataset:
 
         ids = self.ids[index]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def by_path(samples: dict, name: str = "otel_ml_span_duration_seconds_count") -> dict[str, float]:
+    """``{path: value}`` of a region family (the count of the duration histogram by default)."""
+    return {labels["path"]: v for labels, v in samples.get(name, []) if "path" in labels}
