@@ -7,11 +7,12 @@ from the next step on: rank 1 must be the first, hence the one with more NaN los
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from tests.support.torchrun import TorchrunJob, value
+from tests.support.torchrun import TorchrunJob, value, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -243,3 +244,49 @@ def test_an_unmodified_tensorboard_script_exports_after_patch(processes, tmp_pat
         events.Reload()
         assert "train/loss" in events.Tags()["scalars"]
         assert len(events.Scalars("train/loss")) == TOTAL
+
+
+ELASTIC_JOB = """
+import sys
+import otel_ml
+
+otel_ml.init()
+if int(os.environ["TORCHELASTIC_RESTART_COUNT"]) == 0 and RANK == 1:
+    sys.exit(3)  # the first attempt fails: the agent restarts the worker group
+for step in range(1, TOTAL + 1):
+    otel_ml.log(step, loss=1.0 / step)
+    pause(step)
+"""
+
+
+def test_torchelastic_agent_exports_restarts_and_rendezvous(processes, tmp_path):
+    launcher = ("-m", "otel_ml.integrations.torchelastic")
+    job = TorchrunJob.start(
+        processes,
+        tmp_path,
+        ELASTIC_JOB,
+        launcher=launcher,
+        launcher_args=("--max-restarts", "1", "--monitor-interval", "0.2"),
+        total=TOTAL,
+        pause_at=PAUSE,
+        nan_at=NAN,
+    )
+    endpoint = job.run_dir / "elastic-agent-0" / "rank-0" / "endpoint.json"
+
+    def agent_series() -> dict | None:
+        if not endpoint.exists():
+            return None
+        samples = job.scrape(json.loads(endpoint.read_text())["url"])
+        restarted = value(
+            samples, "otel_ml_elastic_operations_total", operation="restart_workers", outcome="success"
+        )
+        healthy = value(samples, "otel_ml_elastic_worker_state", role="default", state="healthy")
+        return samples if restarted == 1 and healthy == 1 else None
+
+    samples = wait_for(agent_series, 90, "the agent's restart and a healthy group", job)
+    assert value(samples, "otel_ml_elastic_remaining_restarts", role="default") == 0
+    assert value(samples, "otel_ml_elastic_operations_total", operation="rendezvous", outcome="success") == 2
+    assert value(samples, "otel_ml_elastic_operation_duration_seconds", operation="rendezvous") >= 0
+    assert value(samples, "otel_ml_elastic_worker_state", role="default", state="unhealthy") in (0, None)
+    job.release()
+    job.finish()

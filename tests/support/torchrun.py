@@ -118,7 +118,7 @@ class TorchrunJob:
             records = [r for r in endpoint_files(self.run_dir) if r.get("url")]
             return {r["rank"]: r["url"] for r in records} if len(records) == 2 else None
 
-        return _wait(probe, timeout, "both ranks' endpoint files", self)
+        return wait_for(probe, timeout, "both ranks' endpoint files", self)
 
     def scrape(self, url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -133,7 +133,7 @@ class TorchrunJob:
             steps = {rank: [v for _, v in s.get("otel_ml_step", [])] for rank, s in scraped.items()}
             return scraped if all(values == [step] for values in steps.values()) else None
 
-        return _wait(probe, timeout, f"both ranks at step {step}", self)
+        return wait_for(probe, timeout, f"both ranks at step {step}", self)
 
     def release(self) -> None:
         self.pause_file.write_text("go", encoding="utf-8")
@@ -152,7 +152,7 @@ class TorchrunJob:
         return self.log.read_text(encoding="utf-8", errors="replace")[-8000:]
 
 
-def _wait(probe: Any, timeout: float, what: str, job: TorchrunJob) -> Any:
+def wait_for(probe: Any, timeout: float, what: str, job: TorchrunJob) -> Any:
     """Poll ``probe`` until truthy; fail at once when the job ended, with its output at the deadline."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
