@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml $(wildcard otel_ml/regions/_cregion*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU torch first: an unpinned torch with no torch installed pulls a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[torch,test]"
+	$(PIP) install -q -e ".[torch,test,integrations]"
 	touch $@
 
 setup: $(STAMP)
