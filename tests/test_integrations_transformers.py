@@ -64,6 +64,7 @@ def test_trainer_exports_regions_raw_loss_progress_and_throughput(tmp_path):
     start(tmp_path)
     snapshot = _Snapshot(at=5)
     args = _args(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=3, gradient_accumulation_steps=2)
+    args.save_strategy, args.save_steps = "steps", 3
     trainer = Trainer(
         model=tiny_gpt2(),
         args=args,
@@ -90,6 +91,7 @@ def test_trainer_exports_regions_raw_loss_progress_and_throughput(tmp_path):
     assert counts["step/optimizer"] == 6
     assert counts["data"] == 6
     assert counts["evaluate"] == 2
+    assert counts["save"] == 2
     assert value_of(samples, "otel_ml_nonfinite_total", metric="loss") == 0
 
 
