@@ -7,6 +7,9 @@ import time
 
 import pytest
 
+# First: it sets HF_HUB_OFFLINE before transformers is imported (nothing is downloaded anyway).
+from tests.support.integrations import TokenDataset, by_path, options, scrape, start, tiny_gpt2, value_of
+
 pytest.importorskip("transformers")
 
 import torch
@@ -14,7 +17,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import otel_ml
 from otel_ml.integrations.transformers import OtelMLCallback
-from tests.support.integrations import TokenDataset, by_path, options, scrape, start, tiny_gpt2, value_of
 
 
 def _args(tmp_path, **extra) -> TrainingArguments:
