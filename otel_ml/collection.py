@@ -8,8 +8,10 @@ Each runs, in this order:
    all six progress gauges read. Nothing depends on the order in which the SDK calls callbacks;
 2. the OTel SDK's own collection (observable callbacks and synchronous instruments);
 3. every **metric source**: finished OTel ``Metric`` objects that otel_ml aggregates itself
-   (region and step-duration histograms, see :mod:`otel_ml.histogram`), placed in the
-   ``otel_ml`` scope of the collected data so that Prometheus, OTLP and files all see them.
+   (region and step-duration histograms, see :mod:`otel_ml.histogram`), and every
+   **observable** registered through :class:`otel_ml.observables.ObservableMeter` (otel_ml's
+   gauges and counters, whose callbacks run once here), placed in the ``otel_ml`` scope of the
+   collected data so that Prometheus, OTLP and files all see them.
 
 Components register with the :class:`Collection` handed to their constructor, as OTel
 instruments register with the meter they are given. A failing hook or source is logged once and
@@ -27,15 +29,20 @@ Example::
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.metrics.export import Metric, MetricReader, MetricsData, ResourceMetrics, ScopeMetrics
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otel_ml import semconv
 from otel_ml._logging import warn_once
 from otel_ml._version import __version__
+
+if TYPE_CHECKING:
+    from otel_ml.observables import Observable
 
 MetricSource = Callable[[], Iterable[Metric]]
 PrepareHook = Callable[[], None]
@@ -51,9 +58,12 @@ class Collection:
         collection.register(metrics=aggregator.metrics)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, resource: Resource | None = None) -> None:
+        #: The resource of the collected data when the SDK itself has nothing to report.
+        self.resource = resource or Resource.get_empty()
         self._prepare: tuple[PrepareHook, ...] = ()
         self._sources: tuple[MetricSource, ...] = ()
+        self._observables: tuple[Observable, ...] = ()
         self._scope = InstrumentationScope(semconv.SCOPE, __version__)
         self._lock = threading.Lock()
 
@@ -64,6 +74,17 @@ class Collection:
                 self._prepare = (*self._prepare, prepare)
             if metrics is not None:
                 self._sources = (*self._sources, metrics)
+
+    def add_observable(self, instrument: Observable) -> None:
+        """Collect ``instrument`` at every collection (:class:`otel_ml.observables.ObservableMeter`
+        calls this); a second instrument with the same name is refused with a warning."""
+        with self._lock:
+            if any(o.name == instrument.name for o in self._observables):
+                warn_once(
+                    f"duplicate:{instrument.name}", "otel_ml: instrument %s exists; ignored", instrument.name
+                )
+                return
+            self._observables = (*self._observables, instrument)
 
     def prepare(self) -> None:
         """Run every prepare hook once (the reader calls this right before the SDK collects)."""
@@ -76,10 +97,16 @@ class Collection:
                 )
 
     def augment(self, data: MetricsData | None) -> MetricsData | None:
-        """``data`` with the metrics of every source added to its ``otel_ml`` scope."""
-        if data is None or not self._sources or not data.resource_metrics:
+        """``data`` with the metrics of every source and observable added to its ``otel_ml`` scope
+        (``data`` None: the SDK had nothing, and these alone make the collection)."""
+        if not self._sources and not self._observables:
             return data
         extra: list[Metric] = []
+        now = time.time_ns()
+        for instrument in self._observables:
+            metric = instrument.collect(now)
+            if metric is not None:
+                extra.append(metric)
         for source in self._sources:
             try:
                 extra.extend(m for m in source() if m is not None)
@@ -89,6 +116,8 @@ class Collection:
                 )
         if not extra:
             return data
+        if data is None or not data.resource_metrics:
+            return MetricsData([ResourceMetrics(self.resource, [ScopeMetrics(self._scope, extra, "")], "")])
         first, *rest = data.resource_metrics
         scopes = list(first.scope_metrics)
         for index, scope_metrics in enumerate(scopes):
@@ -123,19 +152,23 @@ class PullReader(MetricReader):
         super().__init__(**kwargs)
         self.collection = collection or Collection()
         self._data: MetricsData | None = None
+        self._received = False
         self._read_lock = threading.Lock()
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
         self._data = self.collection.augment(metrics_data)
+        self._received = True
 
     def read(self) -> MetricsData | None:
         with self._read_lock:
-            self._data = None
+            self._data, self._received = None, False
             self.collection.prepare()
             self.collect()
             data, self._data = self._data, None
+            if not self._received:  # the SDK had no data: otel_ml's own metrics alone
+                data = self.collection.augment(None)
             return data
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:

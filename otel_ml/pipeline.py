@@ -86,6 +86,7 @@ class Pipeline:
     ) -> None:
         self.health = health or TelemetryHealth()
         self.collection = collection
+        collection.resource = resource  # for collections where only otel_ml's own metrics report
         self.workers = [
             SinkWorker(s, self.health, span_queue_size=span_queue_size, span_delay=span_delay) for s in sinks
         ]

@@ -46,6 +46,7 @@ from otel_ml.exporters.otlp import build_otlp_sink
 from otel_ml.exporters.prometheus import MetricsServer, make_reader, server_security
 from otel_ml.exporters.sink import Sink
 from otel_ml.health import TelemetryHealth
+from otel_ml.observables import ObservableMeter
 from otel_ml.pipeline import Pipeline, Pump
 from otel_ml.progress.board import board as progress_board
 from otel_ml.progress.metrics import ProgressGauges
@@ -141,7 +142,9 @@ class Telemetry:
         )
         self.meter_provider = pipeline.meter_provider
         self.tracer_provider = pipeline.tracer_provider
-        self.meter = meter = pipeline.meter
+        # otel_ml's readers collect its observables directly (otel_ml.observables); a plain SDK
+        # reader among metric_readers would not, so then they stay SDK instruments.
+        self.meter = meter = pipeline.meter if metric_readers else ObservableMeter(pipeline.meter, collection)
         self.tracer = pipeline.tracer
         flags = StepFlags()
         self.anomalies = anomalies = AnomalyMonitor(
