@@ -20,15 +20,23 @@ from typing import Any
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 #: Prometheus' stand-in, a separate process like the real one: ``python -c SCRAPER url seconds``.
+#: Like Prometheus it keeps one HTTP/1.1 connection open between scrapes and asks for gzip.
 SCRAPER = textwrap.dedent(
     """
-    import sys, time, urllib.request
-    url, every = sys.argv[1], float(sys.argv[2])
+    import http.client, sys, time, urllib.parse
+    url, every = urllib.parse.urlsplit(sys.argv[1]), float(sys.argv[2])
+    headers = {"Accept-Encoding": "gzip", "Accept": "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"}
+    conn = None
     while True:
         try:
-            urllib.request.urlopen(url, timeout=5).read()
-        except OSError:
-            pass
+            if conn is None:
+                conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+            conn.request("GET", url.path, headers=headers)
+            conn.getresponse().read()
+        except (OSError, http.client.HTTPException):
+            if conn is not None:
+                conn.close()
+            conn = None
         time.sleep(every)
     """
 )

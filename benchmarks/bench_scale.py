@@ -5,6 +5,11 @@ Run from the repository root (needs a ``prometheus`` binary, e.g. Debian's 2.42)
     python benchmarks/bench_scale.py            # 8, 16, 32, 64 ranks; about 4 minutes
     python benchmarks/bench_scale.py --quick    # 4 ranks, 1 s interval; CI smoke run, about 20 s
     python benchmarks/bench_scale.py --ranks 8,128 --scrape-interval 15
+    python benchmarks/bench_scale.py --budget   # the per-rank series budget table only, ~20 s
+
+First the series budget of one rank (``_budget.py``): default settings, and with
+``trace_modules(depth=2)`` on a 32-layer transformer, with what each makes at 1,000 and 10,000
+ranks. Then:
 
 Per N: N simulated ranks, each a real otel_ml process without torch (``otel_ml.init(
 prometheus_port=0, files="off", ...)``), every ~300 ms run 14 nested ``otel_ml.span`` regions
@@ -44,6 +49,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _budget import table as budget_table
 
 from otel_ml.cli.main import endpoint_files, file_sd_targets
 
@@ -355,9 +362,14 @@ def main() -> int:
     parser.add_argument("--scrape-interval", type=float, default=5.0, help="= evaluation interval, s")
     parser.add_argument("--step-period", type=float, default=0.3, help="seconds between simulated steps")
     parser.add_argument("--prometheus", default=shutil.which("prometheus"), help="the binary")
+    parser.add_argument("--budget", action="store_true", help="only the per-rank series budget table")
     if sys.argv[1:2] == ["--worker"]:  # run_id, world size, run dir, step period, rank
         return run_rank(sys.argv[2], int(sys.argv[6]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5]))
     args = parser.parse_args()
+    print("## Series budget of one rank (benchmarks/_budget.py)\n")
+    print(budget_table(), end="\n\n", flush=True)
+    if args.budget:
+        return 0
     if args.quick:
         args.ranks, args.scrape_interval = "4", 1.0
     if not args.prometheus:
