@@ -44,7 +44,7 @@ integration: setup system-deps
 	$(VENV)/bin/pytest -q -m integration
 
 bench: setup system-deps
-	for b in log span modules progress soak scale; do $(PY) benchmarks/bench_$$b.py || exit 1; done
+	for b in log span modules progress overhead soak scale; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 docs: setup
 	$(PY) .ci/update_readme.py
