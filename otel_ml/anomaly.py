@@ -158,15 +158,18 @@ class AnomalyMonitor:
             self._nonfinite_keys.discard(key)
             if not self._nonfinite_keys:
                 self._set(NONFINITE, False, step, key, value, "")
+        active = self.active
         detector = self._detectors.get(key)
         if detector is not None:
             kind, instance = detector
             anomalous = instance.observe(value)
-            self._set(kind, anomalous, step, key, value, f"{key} {value:.6g} at step {step} is a {kind}")
+            if anomalous != bool(active[kind]):  # messages are formatted on changes only
+                self._set(kind, anomalous, step, key, value, f"{key} {value:.6g} at step {step} is a {kind}")
         if key == "loss":
             plateau = self._plateau.observe(value)
-            message = f"loss has not improved for {self._plateau.since} logged steps (now {value:.6g})"
-            self._set(LOSS_PLATEAU, plateau, step, key, value, message)
+            if plateau != bool(active[LOSS_PLATEAU]):
+                message = f"loss has not improved for {self._plateau.since} logged steps (now {value:.6g})"
+                self._set(LOSS_PLATEAU, plateau, step, key, value, message)
 
     def _check_stall(self) -> None:
         limit = self.config.stall_seconds
