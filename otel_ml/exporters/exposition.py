@@ -87,6 +87,7 @@ class Encoder:
     def __init__(self) -> None:
         self._names: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._labels: dict[frozenset, str] = {}
+        self._bounds: dict[tuple[float, ...], tuple[str, ...]] = {}
 
     def _family(self, name: str, unit: str, kind: str) -> tuple[str, str]:
         """(family name, sample name) as the OTel Prometheus exporter derives them."""
@@ -113,6 +114,16 @@ class Encoder:
             text = ",".join(f'{k}="{v}"' for k, v in pairs)
             self._labels[key] = text
         return text
+
+    def _le(self, bounds: Any) -> tuple[str, ...]:
+        """The ``le`` texts of a histogram's bounds and +Inf (the same few bounds every scrape)."""
+        key = tuple(bounds)
+        texts = self._bounds.get(key)
+        if texts is None:
+            if len(self._bounds) > 1000:
+                self._bounds.clear()
+            texts = self._bounds[key] = (*(repr(float(b)) for b in key), "+Inf")
+        return texts
 
     def encode(self, data: MetricsData | None) -> str:
         if data is None:
@@ -166,12 +177,11 @@ class Encoder:
                     else f"{sample} {number(point.value)}"
                 )
                 continue
-            sep = "," if labels else ""
+            prefix = f'{family}_bucket{{{labels}{"," if labels else ""}le="'
             running = 0
-            for bound, count in zip((*point.explicit_bounds, math.inf), point.bucket_counts, strict=False):
+            for le, count in zip(self._le(point.explicit_bounds), point.bucket_counts, strict=False):
                 running += count
-                le = "+Inf" if bound == math.inf else repr(float(bound))
-                lines.append(f'{family}_bucket{{{labels}{sep}le="{le}"}} {running}.0')
+                lines.append(f'{prefix}{le}"}} {running}.0')
             suffix = f"{{{labels}}}" if labels else ""
             lines.append(f"{family}_count{suffix} {float(point.count)!r}")
             lines.append(f"{family}_sum{suffix} {number(point.sum)}")
