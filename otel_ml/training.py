@@ -50,8 +50,8 @@ _BUILTIN_GAUGES = {
 #: Python ints below this magnitude convert to float exactly (2**53); larger ones take the slow path.
 _EXACT_INT = 1 << 53
 #: Deferred device reads kept waiting at most; older ones are dropped and counted.
-MAX_PENDING = 1024
-#: Step durations queued for the histogram at most (the pump drains them every 0.5 s).
+MAX_PENDING = 4096  # a pump tick (1 s) of 6 device values per step at 600 steps/s
+#: Step durations queued for the histogram at most (the pump drains them every second).
 MAX_QUEUED_DURATIONS = 65536
 
 

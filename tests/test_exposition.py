@@ -87,3 +87,28 @@ def test_empty_collection_is_empty_text():
     reader = ExpositionReader()
     MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     assert reader.render() == b""
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_closing_the_metrics_server_wakes_its_accept_loop_and_releases_the_port(host):
+    import socket
+    import time
+
+    from otel_ml.exporters.prometheus import POLL_INTERVAL, MetricsServer
+
+    server = MetricsServer(lambda: b"up 1\n", host, 0)
+    port = server.start()
+    assert port is not None
+    with socket.create_connection(("127.0.0.1", port)) as client:  # a kept-alive scrape connection
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.settimeout(5)
+        reply = b""
+        while not reply.endswith(b"up 1\n"):
+            reply += client.recv(4096)
+        started = time.monotonic()
+        server.close()
+        closed_in = time.monotonic() - started
+    assert closed_in < POLL_INTERVAL / 2, closed_in  # gross bound: not a full poll interval
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not a listener
+        again.bind((host, port))  # the port is free again
