@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "otel_ml.regions", "otel_ml.regions.", "otel_ml.progress", "otel_ml.progress.",
             "otel_ml.training", "otel_ml.anomaly", "otel_ml.system", "otel_ml.signals",
+            "otel_ml.offline", "otel_ml.offline.",
         ),
     ),
     ("runtime", ("otel_ml.runtime",)),
