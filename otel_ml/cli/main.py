@@ -5,7 +5,9 @@ Subcommands:
 * ``demo``: a real multi-rank training run with telemetry on (see :mod:`otel_ml.cli.demo`);
 * ``targets RUN_DIR``: Prometheus ``file_sd`` JSON for the ranks of a run, from their port files;
 * ``inspect RUN_DIR``: what an offline run recorded (per rank: last step, loss, files);
-* ``top``: a live terminal view of every rank, from Prometheus or the ranks' ``/metrics``.
+* ``top``: a live terminal view of every rank, from Prometheus or the ranks' ``/metrics``;
+* ``backfill RUN_DIR... --out DIR``: an offline run as Prometheus blocks (:mod:`otel_ml.cli.backfill`);
+* ``replay RUN_DIR --otlp URL``: an offline run sent to a collector (:mod:`otel_ml.cli.replay`).
 
 Example::
 
@@ -129,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     inspect = sub.add_parser("inspect", help="summarise an offline run dir")
     inspect.add_argument("run_dir", type=Path)
     inspect.set_defaults(func=cmd_inspect)
+
+    from otel_ml.cli import backfill
+
+    backfill_parser = sub.add_parser("backfill", help="an offline run dir as Prometheus TSDB blocks")
+    backfill.add_arguments(backfill_parser)
+    backfill_parser.set_defaults(func=backfill.run)
 
     args = parser.parse_args(argv)
     return args.func(args)
