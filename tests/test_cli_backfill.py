@@ -15,7 +15,7 @@ def test_openmetrics_alone_is_the_golden_conversion(tmp_path: Path, capsys: pyte
     out = tmp_path / "run.om"
     assert main(["backfill", str(GOLDEN_RUN), "--openmetrics", str(out)]) == 0
     assert out.read_text() == GOLDEN_OPENMETRICS.read_text()
-    assert f"2 rank(s), 8 exports: 48 points in 20 series -> {out}" in capsys.readouterr().out
+    assert f"2 rank(s), 8 exports: 56 points in 22 series -> {out}" in capsys.readouterr().out
 
 
 def test_a_missing_promtool_is_a_clear_error(

@@ -13,7 +13,10 @@ query as if the run had been scraped. What promtool needs, and this module guara
 * counters typed ``counter`` with ``_total`` samples, histograms with cumulative ``_bucket``
   (``le`` up to ``+Inf``), ``_count`` and ``_sum`` per point; NaN and infinities as written;
 * ``target_info`` (the resource, as ``/metrics`` shows it): one series per rank, with a sample
-  at each of that rank's export times so that joins on it work over the whole run.
+  at each of that rank's export times so that joins on it work over the whole run;
+* ``up`` (what Prometheus itself adds for a scraped target) as ``1`` with the rank's ``run_id``
+  and ``rank`` labels at each export: a rank that exported was up, and the dashboards' "ranks
+  up" panels count it. Not written for a resource without ``otel_ml.rank`` and ``otel_ml.run_id``.
 
 Delta sums and histograms (not what otel_ml writes, but valid OTLP) are accumulated into the
 cumulative series a scrape would show. Pure: no I/O, a converter fed documents one by one.
@@ -34,10 +37,12 @@ from typing import Any
 from google.protobuf import json_format
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from otel_ml import semconv
 from otel_ml.exporters.exposition import Encoder, _escape_help, number
 from otel_ml.exporters.files import from_otlp_json
 
 TARGET_INFO = "target_info"
+UP = "up"
 _DELTA = 1  # AggregationTemporality.AGGREGATION_TEMPORALITY_DELTA in the OTLP proto
 
 #: A point of a histogram series: the ``le`` texts, cumulative bucket counts, count and sum.
@@ -98,16 +103,17 @@ class OpenMetricsConverter:
         self._encoder = Encoder()
         self._families: dict[str, _Family] = {}
         self._targets: dict[str, set[int]] = {}
+        self._up: dict[str, set[int]] = {}
 
     @property
     def series_count(self) -> int:
         """How many series (a histogram counts once) have been seen, target_info included."""
-        return len(self._targets) + sum(len(f.series) for f in self._families.values())
+        return len(self._targets) + len(self._up) + sum(len(f.series) for f in self._families.values())
 
     @property
     def sample_count(self) -> int:
         """How many distinct (series, millisecond) points have been kept."""
-        return sum(len(t) for t in self._targets.values()) + sum(
+        return sum(len(t) for t in (*self._targets.values(), *self._up.values())) + sum(
             len(points) for f in self._families.values() for points in f.series.values()
         )
 
@@ -128,6 +134,10 @@ class OpenMetricsConverter:
                 # The scrape's target_info: one series per resource (a rank), one sample per
                 # export (at its latest point), as a scraped target_info would have been.
                 self._targets.setdefault(self._encoder._label_text(resource), set()).add(max(times))
+            rank, run_id = resource.get(semconv.RESOURCE_RANK), resource.get(semconv.RESOURCE_RUN_ID)
+            if rank is not None and run_id is not None and times:
+                labels = {semconv.LABEL_RANK: rank, semconv.LABEL_RUN_ID: run_id}
+                self._up.setdefault(self._encoder._label_text(labels), set()).add(max(times))
 
     def _metric(self, metric: Any) -> set[int]:
         kind_name = metric.WhichOneof("data")
@@ -167,6 +177,10 @@ class OpenMetricsConverter:
             out += [f"# HELP {TARGET_INFO} Target metadata", f"# TYPE {TARGET_INFO} gauge"]
             for labels, times in sorted(self._targets.items()):
                 out.extend(f"{TARGET_INFO}{{{labels}}} 1.0 {timestamp(ms)}" for ms in sorted(times))
+        if self._up:
+            out += [f"# HELP {UP} The rank exported (a scrape would have succeeded)", f"# TYPE {UP} gauge"]
+            for labels, times in sorted(self._up.items()):
+                out.extend(f"{UP}{{{labels}}} 1.0 {timestamp(ms)}" for ms in sorted(times))
         for name, family in sorted(self._families.items()):
             out.append(f"# HELP {name} {_escape_help(family.description)}")
             out.append(f"# TYPE {name} {family.kind}")
