@@ -15,7 +15,18 @@ from otel_ml.anomaly import Anomaly, AnomalyError, on_anomaly
 from otel_ml.config import Config
 from otel_ml.progress import tqdm, trange
 from otel_ml.regions import ModuleTracer, Region, span, step_end, trace_modules
-from otel_ml.runtime import Telemetry, flush, get_telemetry, init, log, shutdown
+from otel_ml.runtime import (
+    Telemetry,
+    agree_stop,
+    flush,
+    get_telemetry,
+    init,
+    log,
+    should_stop,
+    shutdown,
+    stop_reason,
+)
+from otel_ml.stopping import StopReason
 
 __all__ = [
     "Anomaly",
@@ -23,16 +34,20 @@ __all__ = [
     "Config",
     "ModuleTracer",
     "Region",
+    "StopReason",
     "Telemetry",
     "__version__",
+    "agree_stop",
     "flush",
     "get_telemetry",
     "init",
     "log",
     "on_anomaly",
+    "should_stop",
     "shutdown",
     "span",
     "step_end",
+    "stop_reason",
     "tqdm",
     "trace_modules",
     "trange",

@@ -123,6 +123,8 @@ class AnomalyMonitor:
         self.active = dict.fromkeys(TYPES, 0)
         self.counts = dict.fromkeys(TYPES, 0)
         self.stop_requested: Anomaly | None = None
+        #: The first ``stop_on`` anomaly of this rank, never cleared (the stop agreement reads it).
+        self.stop_seen: Anomaly | None = None
         self._lock = threading.Lock()
         self._nonfinite_keys: set[str] = set()
         c = config
@@ -202,6 +204,8 @@ class AnomalyMonitor:
             self._flag_step(step, semconv.EVENT_ANOMALY, attributes)
         if kind in self.config.stop_on and self.stop_requested is None:
             self.stop_requested = anomaly
+        if kind in self.config.stop_on and self.stop_seen is None:
+            self.stop_seen = anomaly  # kept: what otel_ml.should_stop()/agree_stop() read
         for callback in list(_callbacks):
             try:
                 callback(anomaly)

@@ -36,7 +36,7 @@ from opentelemetry.sdk.resources import Resource
 
 from otel_ml import ranks, semconv
 from otel_ml._logging import logger, warn_once
-from otel_ml.anomaly import WATCHED, AnomalyError, AnomalyMonitor
+from otel_ml.anomaly import WATCHED, Anomaly, AnomalyError, AnomalyMonitor
 from otel_ml.collection import Collection
 from otel_ml.config import Config
 from otel_ml.console import Console
@@ -56,6 +56,7 @@ from otel_ml.regions.sampling import StepFlags
 from otel_ml.regions.timekeeper import Timekeeper
 from otel_ml.rundir import ENDPOINT_FILE, rank_dir, resolve, write_private
 from otel_ml.signals import install_sigterm_flush
+from otel_ml.stopping import StopAgreement, StopReason
 from otel_ml.system import GpuMemorySampler, SystemGauges
 from otel_ml.training import TrainingMetrics
 
@@ -98,6 +99,8 @@ class Telemetry:
         self.training: TrainingMetrics | None = None
         self.server: MetricsServer | None = None
         self.prometheus_reader: ExpositionReader | None = None
+        #: otel_ml.should_stop() / agree_stop() / stop_reason() (otel_ml.stopping).
+        self.stopping = StopAgreement(self._stop_seen, self.rank)
         self.pipeline: Pipeline | None = None
         self.pump: Pump | None = None
         self.payload: ProgressPayload | None = None
@@ -299,6 +302,14 @@ class Telemetry:
         except OSError as exc:
             warn_once("endpoint-file", "otel_ml: could not write %s: %s", path, exc.strerror or exc)
 
+    def _stop_seen(self) -> Anomaly | None:
+        """This rank's first ``stop_on`` anomaly, with the values queued so far checked first."""
+        anomalies = self.anomalies
+        if anomalies is None:
+            return None
+        anomalies.process()  # on the caller's thread: agree_stop() sees the step's NaN at once
+        return anomalies.stop_seen
+
     def progress_payload(self) -> dict[str, Any]:
         """What ``/progress`` serves: this rank's open bars, step and loss (for rank 0's view)."""
         if self.payload is None:
@@ -315,7 +326,7 @@ class Telemetry:
         if training is None:
             return
         anomalies = self.anomalies
-        if anomalies is not None and anomalies.stop_requested is not None:
+        if anomalies is not None and anomalies.stop_requested is not None and not self.stopping.engaged:
             stop = anomalies.take_stop()
             if stop is not None:
                 raise AnomalyError(stop)  # asked for with stop_on=: the one error log() raises
@@ -423,6 +434,36 @@ def log(step: Any, /, **values: Any) -> None:
     telemetry = _current
     if telemetry is not None:
         telemetry._log(step, values)
+
+
+def should_stop() -> bool:
+    """True once this rank has seen an anomaly named in ``stop_on`` (local, no collective; False
+    before ``init()``). Calling it switches ``log()`` from raising to flagging (otel_ml.stopping)."""
+    telemetry = _current
+    return False if telemetry is None else telemetry.stopping.should_stop()
+
+
+def agree_stop(every: int = 50, group: Any = None) -> bool:
+    """True on every rank at the same call once any rank has seen a ``stop_on`` anomaly.
+
+    Every ``every``-th call all-reduces one integer on ``group`` (default: the default process
+    group): the one collective otel_ml runs, only here. Without a process group, or on one
+    process, the local flag decides. False before ``init()``. See :mod:`otel_ml.stopping`.
+
+    Example::
+
+        if otel_ml.agree_stop(every=50):
+            save_checkpoint()   # all ranks, same step
+            break
+    """
+    telemetry = _current
+    return False if telemetry is None else telemetry.stopping.agree(every, group)
+
+
+def stop_reason() -> StopReason | None:
+    """Why :func:`agree_stop` returned True: rank, type and step of the earliest anomaly."""
+    telemetry = _current
+    return None if telemetry is None else telemetry.stopping.reason
 
 
 def shutdown(timeout: float | None = None) -> bool:

@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "features",
         (
             "otel_ml.regions", "otel_ml.regions.", "otel_ml.progress", "otel_ml.progress.",
-            "otel_ml.training", "otel_ml.anomaly", "otel_ml.system", "otel_ml.signals",
+            "otel_ml.training", "otel_ml.anomaly", "otel_ml.system", "otel_ml.signals", "otel_ml.stopping",
             "otel_ml.offline", "otel_ml.offline.",
         ),
     ),

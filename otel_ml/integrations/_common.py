@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +45,22 @@ def log_values(step: Any, values: Mapping[str, Any]) -> Anomaly | None:
         logger.warning("otel_ml: stopping training (stop_on): %s", err.anomaly.message)
         return err.anomaly
     return None
+
+
+def multi_rank() -> bool:
+    """True inside an initialised ``torch.distributed`` job of more than one rank."""
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    return dist.get_world_size() > 1
+
+
+def stop_together(every: int) -> bool:
+    """In a multi-rank job, :func:`otel_ml.agree_stop` every ``every`` calls, so that all ranks stop
+    at the same step (one tiny all-reduce each time); on one process False: there ``stop_on``'s
+    local flag (:func:`log_values`) stops the loop at once."""
+    return every > 0 and multi_rank() and otel_ml.agree_stop(every=every)
 
 
 class _NullWriter:

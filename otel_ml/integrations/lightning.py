@@ -13,9 +13,11 @@
 * every numeric value of ``trainer.callback_metrics`` (what ``self.log(...)`` produced:
   ``val_loss`` -> ``otel_ml_val_loss``) each ``log_every_n_steps`` and after validation;
 * progress ``train``: ``trainer.global_step`` of ``trainer.estimated_stepping_batches``;
-* with ``stop_on``, an anomaly sets ``trainer.should_stop`` instead of raising. Lightning does not
-  reduce ``should_stop`` across ranks: under DDP stop on every rank alike (a NaN spreads through
-  the all-reduced gradients within a step), or the ranks that go on wait in their next collective.
+* with ``stop_on``, an anomaly sets ``trainer.should_stop`` instead of raising. In a multi-rank
+  job every rank sets it at the same batch: every ``stop_every`` training batches (default 10)
+  the callback calls :func:`otel_ml.agree_stop`, one tiny all-reduce (``otel_ml.stop_reason()``
+  says which rank and anomaly); ``stop_every=0`` turns it off (then only the rank that saw the
+  anomaly stops, and the others wait in their next collective).
 
 :class:`OtelMLLogger` exports only what ``self.log(...)`` logs, on every rank (Lightning calls
 ``log_metrics`` on each rank, every ``log_every_n_steps``).
@@ -33,7 +35,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import otel_ml
-from otel_ml.integrations._common import Mark, StepProgress, ensure_started, log_values, missing
+from otel_ml.integrations._common import (
+    Mark,
+    StepProgress,
+    ensure_started,
+    log_values,
+    missing,
+    stop_together,
+)
 from otel_ml.integrations._keys import is_scalar
 from otel_ml.regions import record
 
@@ -73,8 +82,9 @@ class OtelMLCallback(Callback):
         lightning.Trainer(max_epochs=3, callbacks=[OtelMLCallback(stop_on=["nonfinite"])])
     """
 
-    def __init__(self, **init_options: Any) -> None:
+    def __init__(self, *, stop_every: int = 10, **init_options: Any) -> None:
         self._options = init_options
+        self._stop_every = stop_every
         self._progress: StepProgress | None = None
         self._mark = Mark()
         self._open: list[Any] = []
@@ -131,6 +141,8 @@ class OtelMLCallback(Callback):
         if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             values = {**_scalars(trainer.callback_metrics, frozenset({"loss"})), **values}
         self._log(trainer, values)
+        if stop_together(self._stop_every):
+            trainer.should_stop = True
         if self._progress is not None:
             self._progress.update(trainer.global_step)
         self._mark.set()

@@ -22,9 +22,12 @@ Per rank, with no change to the training loop:
 * progress ``train`` (``state.global_step`` of ``state.max_steps``) and per-rank ``samples`` and
   ``tokens`` (non-padding tokens from ``attention_mask``, else ``input_ids`` elements) counted from
   the model's inputs, hence ``otel_ml_samples_per_second`` / ``otel_ml_tokens_per_second``;
-* with ``stop_on``, an anomaly sets ``control.should_training_stop`` instead of raising. Under
-  DDP stop on every rank alike (a NaN spreads through the all-reduced gradients within a step),
-  or the ranks that go on wait in their next collective.
+* with ``stop_on``, an anomaly sets ``control.should_training_stop`` instead of raising. In a
+  multi-rank job every rank stops at the same step: every ``stop_every`` steps (default 10) the
+  callback calls :func:`otel_ml.agree_stop`, one tiny all-reduce, and all ranks set the flag
+  together (``otel_ml.stop_reason()`` says which rank and anomaly); ``stop_every=0`` turns the
+  agreement off (then only the rank that saw the anomaly stops, and the others wait in their next
+  collective).
 
 Example::
 
@@ -37,7 +40,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import otel_ml
-from otel_ml.integrations._common import Mark, StepProgress, ensure_started, log_values, missing
+from otel_ml.integrations._common import (
+    Mark,
+    StepProgress,
+    ensure_started,
+    log_values,
+    missing,
+    stop_together,
+)
 from otel_ml.regions import record
 
 try:
@@ -105,8 +115,9 @@ class OtelMLCallback(TrainerCallback):
         Trainer(model=model, args=args, train_dataset=ds, callbacks=[OtelMLCallback(stop_on=["nonfinite"])])
     """
 
-    def __init__(self, **init_options: Any) -> None:
+    def __init__(self, *, stop_every: int = 10, **init_options: Any) -> None:
         self._options = init_options
+        self._stop_every = stop_every
         self._tap = _LossTap()
         self._hook: Any = None
         self._progress: StepProgress | None = None
@@ -176,6 +187,8 @@ class OtelMLCallback(TrainerCallback):
     ) -> None:
         self._exit("step")
         self._log(state.global_step, self._tap.take(), control)
+        if stop_together(self._stop_every):
+            control.should_training_stop = True
         if self._progress is not None:
             self._progress.update(state.global_step, state.max_steps)
         self._mark.set()

@@ -290,3 +290,91 @@ def test_torchelastic_agent_exports_restarts_and_rendezvous(processes, tmp_path)
     assert value(samples, "otel_ml_elastic_worker_state", role="default", state="unhealthy") in (0, None)
     job.release()
     job.finish()
+
+
+HF_STOP_JOB = """
+import json, torch
+import otel_ml
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from otel_ml.integrations.transformers import OtelMLCallback
+
+class Data(torch.utils.data.Dataset):
+    ids = torch.randint(0, 64, (64, 12), generator=torch.Generator().manual_seed(0))
+    def __len__(self):
+        return len(self.ids)
+    def __getitem__(self, i):
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+class Inject(TrainerCallback):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if RANK == 1 and state.global_step == NAN_AT - 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+
+config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+args = TrainingArguments(output_dir="out", max_steps=TOTAL, per_device_train_batch_size=4,
+                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                         disable_tqdm=True, ddp_backend="gloo")
+trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Data(),
+                  callbacks=[OtelMLCallback(stop_on=["nonfinite"], stop_every=2), Inject()])
+trainer.train()
+reason = otel_ml.stop_reason()
+print("STOPPED", json.dumps({"rank": RANK, "step": trainer.state.global_step,
+                             "reason": None if reason is None else [reason.rank, reason.type, reason.step]}))
+"""
+
+
+def test_transformers_ranks_stop_together_on_a_nan_of_one_rank(processes, tmp_path):
+    pytest.importorskip("transformers")
+    job = TorchrunJob.start(processes, tmp_path, HF_STOP_JOB, total=20, pause_at=0, nan_at=3)
+    output = job.finish()
+    stopped = [json.loads(line.split("STOPPED ", 1)[1]) for line in output.splitlines() if "STOPPED " in line]
+    assert sorted(s["rank"] for s in stopped) == [0, 1], output[-4000:]
+    # The NaN reaches rank 1's loss at step 3; the agreement (every 2 steps) stops both at step 4.
+    assert [s["step"] for s in stopped] == [4, 4]
+    assert all(s["reason"] == [1, "nonfinite", 3] for s in stopped), stopped
+
+
+LIGHTNING_STOP_JOB = """
+import json, torch
+import otel_ml
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy
+from otel_ml.integrations.lightning import OtelMLCallback
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        if RANK == 1 and self.global_step == NAN_AT - 1:
+            loss = loss * float("nan")
+        return loss
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
+                     max_steps=TOTAL, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, log_every_n_steps=1,
+                     callbacks=[OtelMLCallback(stop_on=["nonfinite"], stop_every=2)])
+trainer.fit(Model(), data)
+reason = otel_ml.stop_reason()
+print("STOPPED", json.dumps({"rank": RANK, "step": trainer.global_step,
+                             "reason": None if reason is None else [reason.rank, reason.type, reason.step]}))
+"""
+
+
+def test_lightning_ranks_stop_together_on_a_nan_of_one_rank(processes, tmp_path):
+    pytest.importorskip("lightning")
+    job = TorchrunJob.start(processes, tmp_path, LIGHTNING_STOP_JOB, total=20, pause_at=0, nan_at=3)
+    output = job.finish()
+    stopped = [json.loads(line.split("STOPPED ", 1)[1]) for line in output.splitlines() if "STOPPED " in line]
+    assert sorted(s["rank"] for s in stopped) == [0, 1], output[-4000:]
+    assert len({s["step"] for s in stopped}) == 1 and stopped[0]["step"] < 20, stopped  # together, early
+    assert all(s["reason"] == [1, "nonfinite", 3] for s in stopped), stopped
