@@ -84,6 +84,7 @@ def child_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
             "OTEL_METRIC_EXPORT_INTERVAL": "200",
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             "OTEL_ML_TRACE_EVERY": "2",
+            "OTEL_ML_TAIL_FACTOR": "0",  # no slow-step traces: a loaded machine must not add any
             "OTEL_EXPORTER_PROMETHEUS_PORT": "0",  # any free port: never clash with other tests
             "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1",
             "RANK": "1",
