@@ -112,3 +112,36 @@ def test_closing_the_metrics_server_wakes_its_accept_loop_and_releases_the_port(
     with socket.socket() as again:
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, not a listener
         again.bind((host, port))  # the port is free again
+
+
+def test_a_histogram_series_is_re_encoded_when_it_moves_and_kept_when_it_does_not():
+    from otel_ml.collection import Collection
+    from otel_ml.histogram import LabeledHistograms
+
+    histograms = LabeledHistograms((0.001, 0.01, 0.1))
+    collection = Collection(Resource.create({}))
+    collection.register(
+        metrics=lambda: [histograms.to_metric("otel_ml_span_duration", "s", "d", ("path",), {"rank": "0"})]
+    )
+    reader = ExpositionReader(collection)
+    MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    histograms.observe(("forward",), 0.005)
+    histograms.observe(("layers.*",), 0.05)
+    first = parse_exposition(reader.render().decode())
+    histograms.observe(("forward",), 0.5)  # only "forward" moves
+    second = parse_exposition(reader.render().decode())
+
+    def series(samples, path):
+        return {
+            (name, labels.get("le")): v
+            for name, points in samples.items()
+            for labels, v in points
+            if labels.get("path") == path
+        }
+
+    forward = series(second, "forward")
+    assert forward[("otel_ml_span_duration_seconds_count", None)] == 2.0
+    assert forward[("otel_ml_span_duration_seconds_bucket", "0.1")] == 1.0
+    assert forward[("otel_ml_span_duration_seconds_bucket", "+Inf")] == 2.0
+    assert forward[("otel_ml_span_duration_seconds_sum", None)] == pytest.approx(0.505)
+    assert series(second, "layers.*") == series(first, "layers.*")

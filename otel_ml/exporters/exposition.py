@@ -88,6 +88,7 @@ class Encoder:
         self._names: dict[tuple[str, str, str], tuple[str, str]] = {}
         self._labels: dict[frozenset, str] = {}
         self._bounds: dict[tuple[float, ...], tuple[str, ...]] = {}
+        self._series: dict[tuple[str, str], tuple[int, float, list[str]]] = {}
 
     def _family(self, name: str, unit: str, kind: str) -> tuple[str, str]:
         """(family name, sample name) as the OTel Prometheus exporter derives them."""
@@ -177,14 +178,26 @@ class Encoder:
                     else f"{sample} {number(point.value)}"
                 )
                 continue
+            # A cumulative series whose count and sum did not move since the last scrape has the
+            # same buckets: reuse its lines (most module paths are timed one step in 100).
+            key = (family, labels)
+            cached = self._series.get(key)
+            if cached is not None and cached[0] == point.count and cached[1] == point.sum:
+                lines.extend(cached[2])
+                continue
             prefix = f'{family}_bucket{{{labels}{"," if labels else ""}le="'
             running = 0
+            series = []
             for le, count in zip(self._le(point.explicit_bounds), point.bucket_counts, strict=False):
                 running += count
-                lines.append(f'{prefix}{le}"}} {running}.0')
+                series.append(f'{prefix}{le}"}} {running}.0')
             suffix = f"{{{labels}}}" if labels else ""
-            lines.append(f"{family}_count{suffix} {float(point.count)!r}")
-            lines.append(f"{family}_sum{suffix} {number(point.sum)}")
+            series.append(f"{family}_count{suffix} {float(point.count)!r}")
+            series.append(f"{family}_sum{suffix} {number(point.sum)}")
+            if len(self._series) > 100_000:
+                self._series.clear()
+            self._series[key] = (point.count, point.sum, series)
+            lines.extend(series)
 
 
 class ExpositionReader(PullReader):
