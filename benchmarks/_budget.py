@@ -32,34 +32,9 @@ torch.manual_seed(0)
 torch.set_num_threads(1)
 
 
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+from benchmarks._models import TinyLM
 
-    def forward(self, x):
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class LM(nn.Module):
-    def __init__(self, layers, vocab=64, d=16):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList([Block(d) for _ in range(layers)])
-        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-    def forward(self, x):
-        h = self.embed(x)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(self.norm(h))
-
-
-model = LM(max(layers, 1))
+model = TinyLM(vocab=64, d=16, layers=max(layers, 1), heads=2, mlp_ratio=2)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 telemetry = otel_ml.init(prometheus_port=0, run_id="budget", files="off", summary=False,
                          run_dir=tempfile.mkdtemp(prefix="otel-ml-budget-"))

@@ -62,32 +62,7 @@ torch.manual_seed(0)
 torch.set_num_threads(1)
 
 
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x):
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=512, d=128, layers=4):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList([Block(d) for _ in range(layers)])
-        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-    def forward(self, x):
-        h = self.embed(x)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(self.norm(h))
-
+from benchmarks._models import TinyLM
 
 model = TinyLM()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

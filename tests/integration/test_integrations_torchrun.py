@@ -48,7 +48,8 @@ def _run(processes, tmp_path, script: str, **kwargs) -> tuple[dict[int, dict], s
     return scraped, job.finish()
 
 
-HF_JOB = """
+#: A tiny GPT-2 Trainer job's pieces: in-memory data, and rank 1's weights made NaN at NAN_AT.
+HF_PARTS = """
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 from otel_ml.integrations.transformers import OtelMLCallback
@@ -67,15 +68,20 @@ class Inject(TrainerCallback):
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("nan"))
-    def on_step_end(self, args, state, control, **kwargs):
-        pause(state.global_step)
 
 config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
 args = TrainingArguments(output_dir="out", max_steps=TOTAL, per_device_train_batch_size=4,
                          logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
                          disable_tqdm=True, ddp_backend="gloo")
+"""
+
+HF_JOB = HF_PARTS + """
+class Pause(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        pause(state.global_step)
+
 Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Data(),
-        callbacks=[OtelMLCallback(), Inject()]).train()
+        callbacks=[OtelMLCallback(), Inject(), Pause()]).train()
 """
 
 
@@ -292,31 +298,10 @@ def test_torchelastic_agent_exports_restarts_and_rendezvous(processes, tmp_path)
     job.finish()
 
 
-HF_STOP_JOB = """
-import json, torch
+HF_STOP_JOB = HF_PARTS + """
+import json
 import otel_ml
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
-from otel_ml.integrations.transformers import OtelMLCallback
 
-class Data(torch.utils.data.Dataset):
-    ids = torch.randint(0, 64, (64, 12), generator=torch.Generator().manual_seed(0))
-    def __len__(self):
-        return len(self.ids)
-    def __getitem__(self, i):
-        ids = self.ids[i]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-class Inject(TrainerCallback):
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if RANK == 1 and state.global_step == NAN_AT - 1:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.fill_(float("nan"))
-
-config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
-args = TrainingArguments(output_dir="out", max_steps=TOTAL, per_device_train_batch_size=4,
-                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                         disable_tqdm=True, ddp_backend="gloo")
 trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Data(),
                   callbacks=[OtelMLCallback(stop_on=["nonfinite"], stop_every=2), Inject()])
 trainer.train()
