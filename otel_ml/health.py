@@ -36,9 +36,11 @@ class TelemetryHealth:
         health.errors["otlp"]  # 1
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exporters: Iterable[str] = EXPORTERS) -> None:
+        """``exporters``: those in use, whose error series start at 0 (one that is not configured
+        cannot fail, and would only add a series to every rank)."""
         self._lock = threading.RLock()  # a SIGTERM flush may interrupt a holder on this thread
-        self.errors: dict[str, int] = dict.fromkeys(EXPORTERS, 0)
+        self.errors: dict[str, int] = dict.fromkeys(exporters, 0)
         self.drops: dict[str, int] = dict.fromkeys(SIGNALS, 0)
 
     def error(self, exporter: str, count: int = 1) -> None:

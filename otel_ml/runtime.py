@@ -91,7 +91,8 @@ class Telemetry:
         self.run_dir = resolve(cfg.run_dir, self.run_id)
         self.instance_id = uuid.uuid4().hex
         self.attributes = {semconv.LABEL_RANK: str(self.rank), semconv.LABEL_RUN_ID: self.run_id}
-        self.health = TelemetryHealth()
+        in_use = (("otlp", cfg.otlp_enabled), ("files", cfg.files_enabled), ("prometheus", cfg.prometheus))
+        self.health = TelemetryHealth(exporters=[name for name, on in in_use if on])
         self._pid = os.getpid()
         self._lock = threading.RLock()  # shutdown() may run from a signal handler on this thread
         self.closed = False

@@ -226,3 +226,15 @@ def test_a_failing_background_job_is_counted_each_time_and_logged_once(caplog):
     finally:
         pump.shutdown(timeout=2)
     assert caplog.text.count("background job broken_job failed") == 1
+
+
+def test_error_series_start_at_zero_for_the_exporters_in_use_only(tmp_path):
+    t = runtime.Telemetry(Config.resolve(env={}, **_opts(tmp_path, files="off")))
+    try:
+        samples = parse_exposition(t.prometheus_reader.render().decode())
+    finally:
+        t.shutdown()
+    errors = {labels["exporter"]: v for labels, v in samples["otel_ml_export_errors_total"]}
+    assert errors == {"prometheus": 0.0}  # no OTLP endpoint, files off: those cannot fail
+    t.health.error("otlp")  # one that fails anyway is still counted
+    assert t.health.errors["otlp"] == 1
