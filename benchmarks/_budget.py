@@ -1,12 +1,13 @@
 """The series budget of one rank, and what it makes at 1,000 and 10,000 ranks (``bench_scale``).
 
-Each configuration runs in its own process: ``otel_ml.init()`` with the default settings (files
-off, ``/metrics`` on a free port), four regions per step (data, forward, backward, optimizer),
-``log()`` with six scalars and one ``otel_ml.tqdm`` bar, for 150 steps (module timing samples one
-step in 100, so every module path has appeared). ``32-layer, depth=2`` adds
-``trace_modules(model, depth=2)`` on a 32-block transformer (narrow, so that it runs in seconds:
-the series do not depend on the width). Then one scrape is rendered: samples, bytes as text and
-gzip (Prometheus asks for gzip), and the median encode time of 20 renders.
+Each configuration runs in its own process: ``otel_ml.init()`` with the default settings (the
+embedded default: ``/metrics``, here on a free port, and local files), four regions per step
+(data, forward, backward, optimizer), ``log()`` with six scalars and one ``otel_ml.tqdm`` bar,
+for 150 steps (module timing samples one step in 100, so every module path has appeared).
+``32-layer, depth=2`` adds ``trace_modules(model, depth=2)`` on a 32-block transformer (narrow,
+so that it runs in seconds: the series do not depend on the width). Then one scrape is rendered:
+samples, bytes as text and gzip (Prometheus asks for gzip), and the median encode time of 20
+renders.
 
     python benchmarks/bench_scale.py --budget     # this table only, about 20 s, no Prometheus
 """
@@ -36,7 +37,7 @@ from benchmarks._models import TinyLM
 
 model = TinyLM(vocab=64, d=16, layers=max(layers, 1), heads=2, mlp_ratio=2)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-telemetry = otel_ml.init(prometheus_port=0, run_id="budget", files="off", summary=False,
+telemetry = otel_ml.init(prometheus_port=0, run_id="budget", summary=False,
                          run_dir=tempfile.mkdtemp(prefix="otel-ml-budget-"))
 if layers:
     otel_ml.trace_modules(model, depth=2)
