@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     backfill.add_arguments(backfill_parser)
     backfill_parser.set_defaults(func=backfill.run)
 
+    from otel_ml.cli import replay
+
+    replay_parser = sub.add_parser("replay", help="send an offline run dir to an OTLP collector")
+    replay.add_arguments(replay_parser)
+    replay_parser.set_defaults(func=replay.run)
+
     args = parser.parse_args(argv)
     return args.func(args)
 
