@@ -5,6 +5,14 @@
 #   deploy/local/run.sh                       # Ctrl-C stops both
 #   otel-ml targets otel-ml-runs/RUN > deploy/targets/RUN.json    # in another terminal
 #
+#   otel-ml backfill otel-ml-runs/RUN --out /tmp/otel-ml-tsdb     # a finished offline run
+#   deploy/local/run.sh --backfilled /tmp/otel-ml-tsdb
+#
+# --backfilled DIR: Prometheus serves DIR (blocks made by `otel-ml backfill --out DIR`) as its
+# TSDB, with a 100y retention so that an old run's blocks are not deleted at start, and the
+# shipped rules (alerts are evaluated from now on; the README's "After the run" shows how to
+# backfill the recording rules over the run). New samples it scrapes land in DIR too.
+#
 # Environment (all optional):
 #   PROMETHEUS_PORT     9090
 #   ALERTMANAGER_PORT   9093
@@ -28,6 +36,7 @@ shopt -u patsub_replacement 2>/dev/null || true # bash 5.2: '&' in a replacement
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 deploy="$(dirname "$here")"
 
+BACKFILLED=""
 PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 ALERTMANAGER_PORT="${ALERTMANAGER_PORT:-9093}"
 TARGETS_DIR="${TARGETS_DIR:-$deploy/targets}"
@@ -57,6 +66,29 @@ find_binary() { # $1: explicit choice (may be empty), then candidates
     die "none of $* found (Debian: apt-get install prometheus prometheus-alertmanager)"
 }
 
+while (($#)); do
+    case "$1" in
+    --backfilled)
+        (($# >= 2)) || die "--backfilled needs a directory (made by: otel-ml backfill RUN_DIR --out DIR)"
+        BACKFILLED="$2"
+        shift 2
+        ;;
+    --backfilled=*)
+        BACKFILLED="${1#*=}"
+        shift
+        ;;
+    *) die "unknown argument: $1 (usage: run.sh [--backfilled DIR])" ;;
+    esac
+done
+prom_storage=""
+prom_extra=()
+if [[ -n "$BACKFILLED" ]]; then
+    [[ -d "$BACKFILLED" ]] ||
+        die "--backfilled $BACKFILLED: not a directory (make it with: otel-ml backfill RUN_DIR --out $BACKFILLED)"
+    prom_storage="$(cd "$BACKFILLED" && pwd)"
+    prom_extra=(--storage.tsdb.retention.time=100y)
+fi
+
 PROMETHEUS_BIN="$(find_binary "${PROMETHEUS_BIN:-}" prometheus)"
 ALERTMANAGER_BIN="$(find_binary "${ALERTMANAGER_BIN:-}" prometheus-alertmanager alertmanager)"
 for port in "$PROMETHEUS_PORT" "$ALERTMANAGER_PORT"; do
@@ -77,6 +109,7 @@ done
 mkdir -p "$TARGETS_DIR" "$DATA_DIR/prometheus" "$DATA_DIR/alertmanager"
 TARGETS_DIR="$(cd "$TARGETS_DIR" && pwd)"
 DATA_DIR="$(cd "$DATA_DIR" && pwd)"
+prom_storage="${prom_storage:-$DATA_DIR/prometheus}"
 
 # --- the shipped Prometheus config, adjusted for loopback and local paths ----------------------
 shipped="$deploy/prometheus/prometheus.yml"
@@ -146,9 +179,10 @@ echo "$am_pid" >"$DATA_DIR/alertmanager.pid"
 
 "$PROMETHEUS_BIN" \
     --config.file="$DATA_DIR/prometheus.yml" \
-    --storage.tsdb.path="$DATA_DIR/prometheus" \
+    --storage.tsdb.path="$prom_storage" \
     --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" \
     --web.enable-lifecycle \
+    "${prom_extra[@]}" \
     >"$DATA_DIR/prometheus.log" 2>&1 &
 prom_pid=$!
 echo "$prom_pid" >"$DATA_DIR/prometheus.pid"
@@ -174,6 +208,7 @@ Prometheus    http://127.0.0.1:$PROMETHEUS_PORT   (pid $prom_pid, log $DATA_DIR/
 Alertmanager  http://127.0.0.1:$ALERTMANAGER_PORT   (pid $am_pid, log $DATA_DIR/alertmanager.log)
 Targets       $TARGETS_DIR/*.json   e.g. otel-ml targets otel-ml-runs/RUN > $TARGETS_DIR/RUN.json
 Rules         $deploy/prometheus/rules/*.yaml
+TSDB          $prom_storage
 Ctrl-C stops both.
 EOF
 
