@@ -49,6 +49,7 @@ class Converted:
     documents: int = 0
     series: int = 0
     samples: int = 0
+    time_range: tuple[float, float] | None = None
     problems: list[Problem] = field(default_factory=list)
 
 
@@ -81,7 +82,13 @@ def convert_runs(run_dirs: Sequence[Path]) -> Converted:
     if not converter.sample_count:
         raise BackfillError(f"no metrics to backfill in {', '.join(map(str, run_dirs))}")
     return Converted(
-        converter.text(), ranks, documents, converter.series_count, converter.sample_count, problems
+        converter.text(),
+        ranks,
+        documents,
+        converter.series_count,
+        converter.sample_count,
+        converter.time_range,
+        problems,
     )
 
 
@@ -156,9 +163,15 @@ def run(args: argparse.Namespace) -> int:
         blocks = sum(1 for line in output.splitlines() if line[:1].isalnum() and "BLOCK" not in line)
         print(f"otel-ml: {summary} -> {blocks} block(s) in {args.out}")
         print(
-            f"  serve them: prometheus --storage.tsdb.path={args.out} "
-            "--storage.tsdb.retention.time=100y  (or deploy/local/run.sh --backfilled DIR)"
+            f"  serve them: deploy/local/run.sh --backfilled {args.out}  (or prometheus "
+            f"--storage.tsdb.path={args.out} --storage.tsdb.retention.time=100y)"
         )
+        if converted.time_range:
+            first, last = converted.time_range
+            print(
+                f"  recording rules over the run: promtool tsdb create-blocks-from rules --url URL "
+                f"--start {int(first)} --end {int(last) + 1} --output-dir DIR RULE_FILE"
+            )
     if converted.problems:
         print(f"otel-ml: {len(converted.problems)} problem(s) above were skipped", file=sys.stderr)
     return 0

@@ -117,6 +117,14 @@ class OpenMetricsConverter:
             len(points) for f in self._families.values() for points in f.series.values()
         )
 
+    @property
+    def time_range(self) -> tuple[float, float] | None:
+        """(first, last) point time in Unix seconds, None before any point."""
+        times = [ms for points in self._targets.values() for ms in points] or [
+            ms for f in self._families.values() for points in f.series.values() for ms in points
+        ]
+        return (min(times) / 1000, max(times) / 1000) if times else None
+
     def add(self, document: dict[str, Any] | Any) -> None:
         try:
             request = from_otlp_json(document, "metrics") if isinstance(document, dict) else document
