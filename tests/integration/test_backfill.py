@@ -12,7 +12,6 @@ Recording rules are backfilled with ``promtool tsdb create-blocks-from rules`` (
 from __future__ import annotations
 
 import shutil
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules"
 RULE_FILES = sorted(RULES.glob("*.yaml"))
-DEMO_ARGS = ["--ranks", "2", "--steps", "400", "--files", "0", "--nan", "1:200", "--linger", "4"]
+DEMO_ARGS = ["--ranks", "2", "--steps", "600", "--files", "0", "--nan", "1:400", "--linger", "4"]
 #: Training-dashboard panels that cannot have data in a CPU demo without reward=.
 NO_DATA_EXPECTED = {
     "GPU memory per rank and device": "CPU-only machine: no otel_ml_gpu_memory_*",
@@ -130,16 +129,28 @@ def test_a_backfilled_run_answers_like_the_live_scrape(
                 'otel_ml_nonfinite_total{rank="1",metric="loss"}',
             ):
                 assert _last(served, expr, start, end) == pytest.approx(_last(live, expr, start, end)), expr
-            assert _last(served, 'otel_ml_nonfinite_total{rank="1",metric="loss"}', start, end) == 200
+            assert (
+                _last(served, 'otel_ml_nonfinite_total{rank="1",metric="loss"}', start, end) == 200
+            )  # steps 400-599
             assert _last(served, 'otel_ml_nonfinite_total{rank="0",metric="loss"}', start, end) == 0
-            # rate() over the training: the two sample at different moments (scrapes vs exports,
-            # both about 1 s apart), so the typical per-second rate agrees, not each value.
-            rate = 'rate(otel_ml_samples_total{rank="0"}[5s]) > 0'
-            typical = [
-                statistics.median(float(v) for _, v in _range(prom, rate, start, end)[0]["values"])
+            # rate() in the middle of the training: the two sample at different moments (scrapes
+            # vs exports, both about 1 s apart), so they agree on the rate, not on each value.
+            (raw,) = served.api("query", query='otel_ml_samples_total{rank="0"}[10m]', time=f"{end:.3f}")[
+                "result"
+            ]
+            counts = [(float(t), float(v)) for t, v in raw["values"]]
+            began = next(t for t, v in counts if v > 0)
+            done = next(t for t, v in counts if v == counts[-1][1])
+            middle = f"{(began + done) / 2:.3f}"
+            rates = [
+                float(
+                    prom.api("query", query='rate(otel_ml_samples_total{rank="0"}[3s])', time=middle)[
+                        "result"
+                    ][0]["value"][1]
+                )
                 for prom in (served, live)
             ]
-            assert typical[0] == pytest.approx(typical[1], rel=0.25), typical
+            assert rates[0] == pytest.approx(rates[1], rel=0.25), rates
 
             # target_info: one series per rank, labelled as /metrics labels it.
             info = served.query(
@@ -152,6 +163,12 @@ def test_a_backfilled_run_answers_like_the_live_scrape(
                 'ALERTS{alertname="TrainingLossNaN",alertstate="firing"}', lambda r: len(r) > 0, timeout=30
             )
             assert [s["metric"]["rank"] for s in firing] == ["1"]
+            # A few evaluations in, so that the panel's 1 s range query steps over one of them.
+            served.wait_for(
+                'count_over_time(ALERTS{alertname="TrainingLossNaN"}[10s])',
+                lambda r: bool(r) and float(r[0]["value"][1]) >= 3,
+                timeout=30,
+            )
 
             # Every training-dashboard panel has data over the run (the alerts one up to now).
             dashboards = [d for d in load_dashboards() if d[1]["uid"] == "otel-ml-training"]
