@@ -59,3 +59,17 @@ def test_bad_lines_are_reported_and_the_rest_is_written(
     assert 'otel_ml_loss{rank="0",run_id="golden"} 1.5412135124206543 1796309548.833' in text
     assert 'otel_ml_loss{rank="1",run_id="golden"} 2.976665496826172 1796309548.176' in text
     assert 'otel_ml_loss{rank="1",run_id="golden"} 1.5883395671844482' not in text  # the cut line
+
+
+def test_several_run_dirs_go_into_one_openmetrics_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    second = tmp_path / "second"
+    shutil.copytree(GOLDEN_RUN, second)
+    for path in second.rglob("*.jsonl*"):
+        path.write_text(path.read_text().replace('"golden"', '"second"'))
+    out = tmp_path / "both.om"
+    assert main(["backfill", str(GOLDEN_RUN), str(second), "--openmetrics", str(out)]) == 0
+    text = out.read_text()
+    for run_id in ("golden", "second"):
+        assert text.count(f'otel_ml_loss{{rank="0",run_id="{run_id}"}}') == 2
+    assert text.count("# TYPE otel_ml_loss gauge") == 1 and text.endswith("# EOF\n")
+    assert "4 rank(s), 16 exports" in capsys.readouterr().out
