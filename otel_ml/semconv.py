@@ -106,6 +106,15 @@ LAST_STEP_TIMESTAMP = MetricSpec(
     "Unix time of the last log() call.",
     "clock at log()",
 )
+HEARTBEAT_TIMESTAMP = MetricSpec(
+    "otel_ml_heartbeat_timestamp_seconds",
+    "s",
+    "gauge",
+    "Unix time at which the rank's metrics were collected (each scrape or push): the liveness "
+    "alerts and panels tell a live rank from a dead or frozen one by it, with any target labels "
+    "and through an OTLP collector.",
+    "clock at collection",
+)
 LOSS = MetricSpec("otel_ml_loss", "1", "gauge", "Last finite training loss.", "`loss=`")
 LEARNING_RATE = MetricSpec(
     "otel_ml_learning_rate", "1", "gauge", "Last learning rate.", "`lr=` (or `learning_rate=`)"
@@ -376,6 +385,7 @@ WELL_KNOWN_KEYS: tuple[str, ...] = ("kl", "reward")
 METRICS: tuple[MetricSpec, ...] = (
     STEP,
     LAST_STEP_TIMESTAMP,
+    HEARTBEAT_TIMESTAMP,
     LOSS,
     LEARNING_RATE,
     GRAD_NORM,

@@ -350,6 +350,9 @@ class TrainingMetrics:
         wall = self._last_wall
         return () if wall is None else (Observation(wall, self._attrs),)
 
+    def _observe_heartbeat(self, _: CallbackOptions) -> Iterable[Observation]:
+        return (Observation(time.time(), self._attrs),)
+
     def _observe_rate(self, index: int, seen: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:
             if not getattr(self, seen):
@@ -380,6 +383,8 @@ class TrainingMetrics:
         )
         spec = semconv.LAST_STEP_TIMESTAMP
         m.create_observable_gauge(spec.name, [self._observe_timestamp], spec.unit, spec.description)
+        spec = semconv.HEARTBEAT_TIMESTAMP
+        m.create_observable_gauge(spec.name, [self._observe_heartbeat], spec.unit, spec.description)
         created: set[str] = set()
         for spec in _BUILTIN_GAUGES.values():
             if spec.name in created:
