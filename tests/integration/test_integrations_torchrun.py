@@ -75,7 +75,9 @@ args = TrainingArguments(output_dir="out", max_steps=TOTAL, per_device_train_bat
                          disable_tqdm=True, ddp_backend="gloo")
 """
 
-HF_JOB = HF_PARTS + """
+HF_JOB = (
+    HF_PARTS
+    + """
 class Pause(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         pause(state.global_step)
@@ -83,6 +85,7 @@ class Pause(TrainerCallback):
 Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Data(),
         callbacks=[OtelMLCallback(), Inject(), Pause()]).train()
 """
+)
 
 
 def test_transformers_trainer_on_two_ranks(processes, tmp_path):
@@ -298,7 +301,9 @@ def test_torchelastic_agent_exports_restarts_and_rendezvous(processes, tmp_path)
     job.finish()
 
 
-HF_STOP_JOB = HF_PARTS + """
+HF_STOP_JOB = (
+    HF_PARTS
+    + """
 import json
 import otel_ml
 
@@ -309,6 +314,7 @@ reason = otel_ml.stop_reason()
 print("STOPPED", json.dumps({"rank": RANK, "step": trainer.state.global_step,
                              "reason": None if reason is None else [reason.rank, reason.type, reason.step]}))
 """
+)
 
 
 def test_transformers_ranks_stop_together_on_a_nan_of_one_rank(processes, tmp_path):
