@@ -75,6 +75,17 @@ class LabeledHistograms:
                 if value > series.max:
                     series.max = value
 
+    def add(self, key: tuple[str, ...], counts: Sequence[int], total: float, low: float, high: float) -> None:
+        """Merge pre-aggregated bucket ``counts`` (same bounds), their sum and extrema into ``key``."""
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(len(self.bounds) + 1)
+            series.counts = [a + b for a, b in zip(series.counts, counts, strict=True)]
+            series.sum += total
+            series.min = min(series.min, low)
+            series.max = max(series.max, high)
+
     def snapshot(self) -> dict[tuple[str, ...], tuple[list[int], float, float, float]]:
         """{key: (bucket counts, sum, min, max)}, a consistent copy."""
         with self._lock:

@@ -314,6 +314,58 @@ ANOMALIES = MetricSpec(
     "in-process detectors",
     (LABEL_TYPE,),
 )
+_DIST = "`log(key=[...])`: a list, array or tensor of more than one element"
+DISTRIBUTION = MetricSpec(
+    "otel_ml_distribution",
+    "1",
+    "histogram",
+    "Finite elements of every distribution logged under a key (NaN/Inf are counted in "
+    "otel_ml_nonfinite_total{metric=key}).",
+    _DIST,
+    (LABEL_METRIC,),
+)
+DISTRIBUTION_COUNT = MetricSpec(
+    "otel_ml_distribution_last_count",
+    "{value}",
+    "gauge",
+    "Finite elements of the last distribution.",
+    _DIST,
+    (LABEL_METRIC,),
+)
+DISTRIBUTION_MEAN = MetricSpec(
+    "otel_ml_distribution_last_mean", "1", "gauge", "Mean of the last distribution.", _DIST, (LABEL_METRIC,)
+)
+DISTRIBUTION_MIN = MetricSpec(
+    "otel_ml_distribution_last_min",
+    "1",
+    "gauge",
+    "Smallest element of the last distribution.",
+    _DIST,
+    (LABEL_METRIC,),
+)
+DISTRIBUTION_MAX = MetricSpec(
+    "otel_ml_distribution_last_max",
+    "1",
+    "gauge",
+    "Largest element of the last distribution.",
+    _DIST,
+    (LABEL_METRIC,),
+)
+DISTRIBUTION_STDDEV = MetricSpec(
+    "otel_ml_distribution_last_stddev",
+    "1",
+    "gauge",
+    "Population standard deviation of the last distribution.",
+    _DIST,
+    (LABEL_METRIC,),
+)
+DISTRIBUTION_GAUGES: tuple[MetricSpec, ...] = (
+    DISTRIBUTION_COUNT,
+    DISTRIBUTION_MEAN,
+    DISTRIBUTION_MIN,
+    DISTRIBUTION_MAX,
+    DISTRIBUTION_STDDEV,
+)
 # Series of the integrations (otel_ml.integrations): present only where one is in use.
 SCALAR = MetricSpec(
     "otel_ml_scalar",
@@ -415,6 +467,8 @@ METRICS: tuple[MetricSpec, ...] = (
     PROGRESS_ACTIVE,
     ANOMALY_ACTIVE,
     ANOMALIES,
+    DISTRIBUTION,
+    *DISTRIBUTION_GAUGES,
     *INTEGRATION_METRICS,
 )
 

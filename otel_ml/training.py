@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics.export import Metric
+from opentelemetry.sdk.metrics.export import Histogram, Metric
 
 from otel_ml import names, semconv
 from otel_ml._logging import logger, warn_once
 from otel_ml.collection import Collection
+from otel_ml.distribution import DEFAULT_BUCKETS, Summary, host_values, is_distribution, summarize
 from otel_ml.gpu import DeviceCalls
 from otel_ml.health import TelemetryHealth
 from otel_ml.histogram import LabeledHistograms
@@ -97,8 +98,13 @@ class TrainingMetrics:
         mono: Callable[[], float] = time.perf_counter,
         cuda: Any | None = None,
         cudart: Any | None = None,
+        distribution_buckets: Mapping[str, tuple[float, ...]] | None = None,
     ) -> None:
         self._meter = meter
+        #: Bucket bounds per distribution key (DEFAULT_BUCKETS for the others).
+        self._dist_buckets = dict(distribution_buckets or {})
+        self._dists: dict[str, Summary] = {}
+        self._dist_hists: dict[str, LabeledHistograms] = {}
         self._attrs = dict(attributes)
         self._max_keys = max_keys
         self._on_step = on_step
@@ -200,6 +206,9 @@ class TrainingMetrics:
             return 0 if self._step is None else self._step + 1
 
     def _ingest_slow(self, step: int, key: str, kind: int, value: Any) -> None:
+        if is_distribution(value):
+            self._ingest_distribution(step, key, value)
+            return
         try:
             number = coerce(value, self._cuda)
         except Exception as exc:  # noqa: BLE001 - UnusableValueError, a CUDA error, exotic objects
@@ -214,6 +223,29 @@ class TrainingMetrics:
             pending.append((step, key, number))
             return
         self._ingest(step, key, kind, number)
+
+    def _ingest_distribution(self, step: int, key: str, value: Any) -> None:
+        """A list, array or CPU tensor of several elements: histogram + last-step gauges."""
+        try:
+            summary = summarize(host_values(value), self._dist_buckets.get(key, DEFAULT_BUCKETS))
+        except Exception as exc:  # noqa: BLE001 - UnusableValueError, a CUDA tensor, exotic objects
+            warn_once(f"value:{key}", "otel_ml: log() dropped distribution %r: %s", key, exc)
+            self._health.dropped("values")
+            return
+        with self._lock:
+            if summary.nonfinite:
+                self._nonfinite[key] = self._nonfinite.get(key, 0) + summary.nonfinite
+            if summary.count == 0:
+                if not summary.nonfinite:
+                    warn_once(f"empty:{key}", "otel_ml: log() got an empty %r at step %s; ignored", key, step)
+                return
+            hist = self._dist_hists.get(key)
+            if hist is None:
+                hist = self._dist_hists[key] = LabeledHistograms(self._dist_buckets.get(key, DEFAULT_BUCKETS))
+            self._dists[key] = summary
+        hist.add(
+            (names.label_value(key),), summary.bucket_counts, summary.total, summary.minimum, summary.maximum
+        )
 
     def _ingest(self, step: int, key: str, kind: int, number: float) -> None:
         if number - number == 0.0:
@@ -334,7 +366,28 @@ class TrainingMetrics:
         self.drain_durations()
         spec = semconv.STEP_DURATION
         metric = self.step_durations.to_metric(spec.name, spec.unit, spec.description, (), self._attrs)
-        return [] if metric is None else [metric]
+        out = [] if metric is None else [metric]
+        spec, points = semconv.DISTRIBUTION, []
+        for hist in list(self._dist_hists.values()):
+            one = hist.to_metric(spec.name, spec.unit, spec.description, spec.labels, self._attrs)
+            if one is not None:
+                points.extend(one.data.data_points)
+                merged = one
+        if points:
+            data = Histogram(data_points=points, aggregation_temporality=merged.data.aggregation_temporality)
+            out.append(Metric(name=spec.name, description=spec.description, unit=spec.unit, data=data))
+        return out
+
+    def _observe_distribution(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            label = semconv.LABEL_METRIC
+            with self._lock:
+                items = list(self._dists.items())
+            return [
+                Observation(getattr(s, field), {**self._attrs, label: names.label_value(k)}) for k, s in items
+            ]
+
+        return callback
 
     def _gauge_callback(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:
@@ -409,6 +462,11 @@ class TrainingMetrics:
             )
         spec = semconv.NONFINITE
         m.create_observable_counter(spec.name, [self._observe_nonfinite], spec.unit, spec.description)
+        fields = ("count", "mean", "minimum", "maximum", "std")
+        for spec, field in zip(semconv.DISTRIBUTION_GAUGES, fields, strict=True):
+            m.create_observable_gauge(
+                spec.name, [self._observe_distribution(field)], spec.unit, spec.description
+            )
         self.step_durations = LabeledHistograms(semconv.STEP_DURATION_BUCKETS)
 
     def _builtin_callback(self, keys: list[str]) -> Callable[[CallbackOptions], Iterable[Observation]]:

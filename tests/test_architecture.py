@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "otel_ml.semconv", "otel_ml.names", "otel_ml.values", "otel_ml.rundir",
             "otel_ml.console", "otel_ml.health", "otel_ml.histogram", "otel_ml.detectors",
             "otel_ml.collection", "otel_ml.anomaly_config", "otel_ml.config", "otel_ml.ranks",
-            "otel_ml.gpu", "otel_ml.threads", "otel_ml.observables",
+            "otel_ml.gpu", "otel_ml.threads", "otel_ml.observables", "otel_ml.distribution",
         ),
     ),
     ("pipeline and exporters", ("otel_ml.pipeline", "otel_ml.exporters", "otel_ml.exporters.")),

@@ -1,0 +1,114 @@
+"""Distributions passed to log(): the pure summary and what a scrape shows per key and rank."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from opentelemetry.sdk.metrics import MeterProvider
+
+from otel_ml import semconv
+from otel_ml.collection import Collection
+from otel_ml.distribution import DEFAULT_BUCKETS, host_values, is_distribution, summarize
+from otel_ml.exporters.exposition import ExpositionReader
+from otel_ml.observables import ObservableMeter
+from otel_ml.training import TrainingMetrics
+from tests.support.metrics import strict_exposition
+
+ATTRS = {"rank": "1", "run_id": "run-d"}
+
+
+def test_summary_excludes_and_counts_nonfinite_elements():
+    s = summarize([1.0, float("nan"), 3.0, float("inf"), 2.0], bounds=(1.5, 2.5))
+    assert (s.count, s.nonfinite, s.mean, s.minimum, s.maximum) == (3, 2, 2.0, 1.0, 3.0)
+    assert s.std == pytest.approx(math.sqrt(2 / 3))
+    assert s.bucket_counts == [1, 1, 1] and s.total == 6.0
+
+
+def test_summary_std_survives_a_large_common_offset():
+    assert summarize([1e9 + 1, 1e9 - 1]).std == pytest.approx(1.0)
+
+
+def test_summary_of_nothing_finite_has_no_statistics():
+    s = summarize([float("nan")])
+    assert (s.count, s.nonfinite, s.mean, s.std) == (1 - 1, 1, None, None)
+
+
+def test_lists_arrays_and_tensors_of_several_elements_are_distributions():
+    assert is_distribution([1.0, 2.0]) and is_distribution(np.zeros(3)) and is_distribution(torch.ones(2, 2))
+    assert is_distribution([]) and is_distribution(np.zeros(0))
+    assert not is_distribution(1.0) and not is_distribution(torch.tensor(2.0)) and not is_distribution([1.0])
+    assert not is_distribution(np.float32(1.0)) and not is_distribution(torch.tensor([3.0]))
+    assert host_values(np.array([[1, 2], [3, 4]])) == [1.0, 2.0, 3.0, 4.0]
+    assert host_values(torch.tensor([0.5, 1.5], requires_grad=True)) == [0.5, 1.5]
+    assert host_values([[1], [2, 3]]) == [1.0, 2.0, 3.0]
+
+
+@pytest.fixture
+def scrape():
+    collection = Collection()
+    reader = ExpositionReader(collection)
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
+    meter = ObservableMeter(provider.get_meter("test"), collection)
+    tm = TrainingMetrics(meter, ATTRS, collection=collection, distribution_buckets={"score": (5.0, 7.0)})
+    collection.register(prepare=tm.refresh)
+    yield tm, lambda: strict_exposition(reader.render().decode())
+    provider.shutdown()
+
+
+def _one(samples, name, **labels):
+    got = [v for attrs, v in samples[name] if all(attrs.get(k) == x for k, x in labels.items())]
+    assert len(got) == 1, (name, labels, samples.get(name))
+    return got[0]
+
+
+def test_reward_distribution_exports_histogram_and_last_step_gauges_per_key_and_rank(scrape):
+    tm, render = scrape
+    tm.log(1, {"loss": 1.0, "reward": torch.tensor([0.0, 1.0, 2.0])})
+    tm.log(2, {"reward": np.array([-1.0, 4.0, float("nan"), 5.0]), "score": [6.8, 7.9, 4.0]})
+    samples = render()
+    reward = {"metric": "reward", **ATTRS}
+    assert _one(samples, "otel_ml_distribution_count", **reward) == 6
+    assert _one(samples, "otel_ml_distribution_sum", **reward) == 11.0
+    assert _one(samples, "otel_ml_distribution_bucket", le="+Inf", **reward) == 6
+    assert _one(samples, "otel_ml_distribution_bucket", le="0.0", **reward) == 2  # -1 and 0
+    assert _one(samples, "otel_ml_distribution_last_count", **reward) == 3  # NaN excluded
+    assert _one(samples, "otel_ml_distribution_last_mean", **reward) == pytest.approx(8 / 3)
+    assert _one(samples, "otel_ml_distribution_last_min", **reward) == -1.0
+    assert _one(samples, "otel_ml_distribution_last_max", **reward) == 5.0
+    assert _one(samples, "otel_ml_distribution_last_stddev", **reward) == pytest.approx(np.std([-1, 4, 5]))
+    assert _one(samples, "otel_ml_nonfinite_total", metric="reward") == 1
+    assert _one(samples, "otel_ml_distribution_bucket", le="5.0", metric="score") == 1  # own buckets
+    assert _one(samples, "otel_ml_distribution_bucket", le="7.0", metric="score") == 2
+    assert _one(samples, "otel_ml_loss") == 1.0  # scalars unaffected
+    assert "otel_ml_reward" not in samples  # no empty scalar series for a distribution key
+
+
+def test_every_exported_distribution_name_is_documented(scrape):
+    tm, render = scrape
+    tm.log(1, {"reward": [1.0, 2.0]})
+    exposed = {n for n in render() if n.startswith("otel_ml_distribution")}
+    documented = {semconv.DISTRIBUTION.name + s for s in ("_bucket", "_count", "_sum")}
+    documented |= {s.prometheus_name for s in semconv.DISTRIBUTION_GAUGES}
+    assert exposed == documented
+
+
+def test_empty_distribution_warns_once_and_loses_nothing_else(scrape, caplog):
+    tm, render = scrape
+    tm.log(1, {"reward": [1.0, 3.0]})
+    with caplog.at_level(logging.WARNING, logger="otel_ml"):
+        tm.log(2, {"reward": [], "loss": 0.5})
+        tm.log(3, {"reward": np.zeros(0)})
+    assert sum("empty 'reward'" in r.getMessage() for r in caplog.records) == 1
+    samples = render()
+    assert _one(samples, "otel_ml_distribution_count", metric="reward") == 2
+    assert _one(samples, "otel_ml_distribution_last_mean", metric="reward") == 2.0
+    assert _one(samples, "otel_ml_loss") == 0.5
+
+
+def test_default_buckets_are_sorted_and_symmetric():
+    assert list(DEFAULT_BUCKETS) == sorted(DEFAULT_BUCKETS)
+    assert [-b for b in reversed(DEFAULT_BUCKETS)] == list(DEFAULT_BUCKETS)
