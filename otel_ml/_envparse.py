@@ -6,6 +6,7 @@ Each parser takes the variable name and its raw text and returns the parsed valu
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from urllib.parse import unquote
 
@@ -97,3 +98,28 @@ def parse_attributes(raw: str) -> dict[str, str]:
             raise ValueError(f"entry {index} is not key=value")
         attributes[unquote(key).strip()] = unquote(value).strip()
     return attributes
+
+
+def parse_buckets(raw: str) -> dict[str, tuple[float, ...]]:
+    """Parse ``key=b1,b2,...;key2=...`` into strictly increasing, finite bucket bounds per key.
+
+    Example::
+
+        parse_buckets("reward=0,0.5,1;score=1,5,10")  # {'reward': (0.0, 0.5, 1.0), 'score': (1.0, 5.0, 10.0)}
+    """
+    out: dict[str, tuple[float, ...]] = {}
+    for index, item in enumerate(raw.split(";"), start=1):
+        if not item.strip():
+            continue
+        key, sep, bounds = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"entry {index} is not key=b1,b2,...")
+        out[key.strip()] = check_buckets(tuple(float(b) for b in bounds.split(",") if b.strip()))
+    return out
+
+
+def check_buckets(bounds: tuple[float, ...]) -> tuple[float, ...]:
+    """``bounds`` if non-empty, finite and strictly increasing, else ``ValueError``."""
+    if not bounds or any(b - b != 0.0 for b in bounds) or any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise ValueError(f"bucket bounds must be finite and strictly increasing, not {bounds}")
+    return bounds

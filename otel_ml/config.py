@@ -399,6 +399,16 @@ class Config:
             "Distinct keys log() turns into metrics; more are dropped with one warning.",
         ),
     )
+    distribution_buckets: dict[str, tuple[float, ...]] = field(
+        default_factory=dict,
+        metadata=_opt(
+            ("OTEL_ML_DISTRIBUTION_BUCKETS",),
+            p.parse_buckets,
+            "Histogram bounds of distributions passed to log(), per key: `reward=0,0.25,0.5,1;score=1,5,10`. "
+            "Other keys: -100 to 100, finer near 0.",
+            "symmetric -100..100",
+        ),
+    )
     shutdown_timeout: float = field(
         default=5.0,
         metadata=_opt(
@@ -447,6 +457,9 @@ class Config:
         for name in ("throughput_window", "max_metric_keys", "span_queue_size", "file_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        self.distribution_buckets = {
+            k: p.check_buckets(tuple(float(b) for b in v)) for k, v in self.distribution_buckets.items()
+        }
         if self.trace_every < 0:
             raise ValueError("trace_every must be >= 0")
         if self.tail_factor < 0:

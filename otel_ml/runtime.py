@@ -182,6 +182,7 @@ class Telemetry:
             watch=(WATCHED, anomalies.observations),
             window=cfg.throughput_window,
             max_keys=cfg.max_metric_keys,
+            distribution_buckets=cfg.distribution_buckets,
             on_step=timekeeper.recorder.implied_step_end,
             health=self.health,
             cuda=cuda,

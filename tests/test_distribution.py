@@ -112,3 +112,21 @@ def test_empty_distribution_warns_once_and_loses_nothing_else(scrape, caplog):
 def test_default_buckets_are_sorted_and_symmetric():
     assert list(DEFAULT_BUCKETS) == sorted(DEFAULT_BUCKETS)
     assert [-b for b in reversed(DEFAULT_BUCKETS)] == list(DEFAULT_BUCKETS)
+
+
+def test_bucket_option_reads_kwargs_then_env_and_bad_env_falls_back_to_default(caplog):
+    from otel_ml.config import Config
+
+    env = {"OTEL_ML_DISTRIBUTION_BUCKETS": "reward=0,0.5,1;score=1,5,10"}
+    assert Config.resolve(env=env).distribution_buckets == {
+        "reward": (0.0, 0.5, 1.0),
+        "score": (1.0, 5.0, 10.0),
+    }
+    assert Config.resolve(env=env, distribution_buckets={"kl": [0.1, 1]}).distribution_buckets == {
+        "kl": (0.1, 1.0)
+    }
+    with caplog.at_level(logging.WARNING, logger="otel_ml"):
+        assert Config.resolve(env={"OTEL_ML_DISTRIBUTION_BUCKETS": "reward=1,0"}).distribution_buckets == {}
+    assert "OTEL_ML_DISTRIBUTION_BUCKETS" in caplog.text
+    with pytest.raises(ValueError, match="strictly increasing"):
+        Config.resolve(env={}, distribution_buckets={"reward": (1.0, 1.0)})
