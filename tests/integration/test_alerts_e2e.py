@@ -51,6 +51,13 @@ def compress(text: str, factor: float = 20.0, floor: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compress_rules(text: str) -> str:
+    """:func:`compress`, and the liveness thresholds, which are numbers rather than durations:
+    600 s without a step -> 15 s, a heartbeat 60 s old -> 10 s."""
+    text = compress(text).replace("> 600\n", "> 15\n")
+    return text.replace(") > 60\n", ") > 10\n").replace(") < 60\n", ") < 10\n")
+
+
 def test_compress_shrinks_only_durations():
     text = "    for: 10m\n    expr: rate(x[5m] offset 30m) > 600 and y[1m:10s]\n"
     assert compress(text) == "    for: 30s\n    expr: rate(x[15s] offset 90s) > 600 and y[3s:3s]\n"
@@ -63,7 +70,7 @@ def stack(tmp_path, prometheus_binary, alertmanager_binary):
     for path in RULES:
         target = tmp_path / "rules" / path.name
         target.parent.mkdir(exist_ok=True)
-        target.write_text(compress(path.read_text()))
+        target.write_text(compress_rules(path.read_text()))
         rules.append(target)
     with WebhookReceiver() as hook:
         config = config_for_test(DEPLOY / "alertmanager" / "alertmanager.yml", hook.url)
@@ -148,3 +155,37 @@ def test_a_killed_rank_is_down_while_its_peer_lives(stack, processes, tmp_path):
     (down,) = hook.wait_for(lambda a: _named(a, "TrainingRankDown", run.name, "1"), timeout=90)
     assert down["status"] == "firing"
     assert "rank 1" in down["annotations"]["description"].lower()
+
+
+def test_static_targets_without_rank_labels_get_stalled_and_rank_down(tmp_path, prometheus_binary, processes):
+    """A plain static target list (``up`` has only job/instance): a SIGSTOPped rank is down and
+    its peer, blocked in the all-reduce while its /metrics still answers, is stalled."""
+    rules = []
+    for path in RULES:
+        target = tmp_path / "rules" / path.name
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(compress_rules(path.read_text()))
+        rules.append(target)
+    run = tmp_path / "static-run"
+    _demo(processes, run, "--steps", "100000")
+    records = wait_until(lambda: (lambda r: r if len(r) == 2 else None)(endpoint_files(run)), 60)
+    targets = [group["targets"][0] for group in file_sd_targets(records)]
+    with PrometheusServer(
+        prometheus_binary, tmp_path / "prom", static_targets=targets, rule_files=rules
+    ) as prom:
+        prom.wait_for(
+            f'count(otel_ml_heartbeat_timestamp_seconds{{run_id="{run.name}"}})',
+            lambda r: r and r[0]["value"][1] == "2",
+            60,
+        )
+        assert prom.query('up{rank!=""}') == [] and len(prom.query("up")) == 2
+        rank1 = next(r for r in records if r["rank"] == 1)
+        os.kill(rank1["pid"], signal.SIGSTOP)
+
+        def firing(name: str) -> str:
+            return f'ALERTS{{alertname="{name}", alertstate="firing", run_id="{run.name}"}}'
+
+        (stalled,) = prom.wait_for(firing("TrainingStalled"), lambda r: len(r) == 1, 120)
+        assert stalled["metric"]["rank"] == "0"
+        (down,) = prom.wait_for(firing("TrainingRankDown"), lambda r: len(r) == 1, 120)
+        assert down["metric"]["rank"] == "1"
