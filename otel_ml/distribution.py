@@ -64,7 +64,7 @@ def is_distribution(value: Any) -> bool:
         return len(value) != 1
     numel = getattr(value, "numel", None)
     if callable(numel) and tensor_type() is not None and isinstance(value, tensor_type()):
-        return value.dim() > 0 and numel() != 1
+        return numel() != 1  # a 0-dim tensor has one element; numel() is metadata, no sync
     size = getattr(value, "size", None)
     shape = getattr(value, "shape", None)
     return isinstance(size, int) and shape is not None and len(shape) > 0 and size != 1

@@ -236,8 +236,9 @@ class TrainingMetrics:
             if summary.nonfinite:
                 self._nonfinite[key] = self._nonfinite.get(key, 0) + summary.nonfinite
             if summary.count == 0:
-                if not summary.nonfinite:
-                    warn_once(f"empty:{key}", "otel_ml: log() got an empty %r at step %s; ignored", key, step)
+                if not summary.nonfinite:  # nothing to keep: dropped and counted like a bad value
+                    warn_once(f"value:{key}", "otel_ml: log() dropped %r: empty at step %s", key, step)
+                    self._health.dropped("values")
                 return
             hist = self._dist_hists.get(key)
             if hist is None:

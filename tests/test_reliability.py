@@ -125,7 +125,7 @@ VALUES: list[tuple[str, Any, bool]] = [
     ("np_bool", np.bool_(True), True),
     ("np_nan", np.float64("nan"), True),
     ("np_0d_array", np.array(0.5), True),
-    ("np_array", np.array([1.0, 2.0]), False),
+    ("np_array_empty", np.array([]), False),  # several elements are a distribution; none: dropped
     ("t_float32", torch.tensor(0.5), True),
     ("t_float64", torch.tensor(0.25, dtype=torch.float64), True),
     ("t_float16", torch.tensor(1.5, dtype=torch.float16), True),
@@ -137,7 +137,6 @@ VALUES: list[tuple[str, Any, bool]] = [
     ("t_nan", torch.tensor(math.nan), True),
     ("t_requires_grad", torch.tensor(2.0, requires_grad=True), True),
     ("t_one_element", torch.ones(1, 1), True),
-    ("t_multi", torch.ones(3), False),
     ("t_empty", torch.ones(0), False),
     ("t_complex", torch.tensor(1 + 1j), False),
     ("t_meta", torch.empty((), device="meta"), False),
@@ -373,9 +372,12 @@ _values = st.one_of(
 
 
 def _usable(value: Any) -> bool:
-    """The documented contract: numbers, NumPy scalars, bool and 1-element tensors (not meta)."""
+    """The documented contract: numbers, NumPy scalars, bool, 1-element tensors (not meta), and
+    distributions: CPU tensors and lists of two or more numbers (an empty one is dropped)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not value.is_meta and not value.is_complex()
+        return value.numel() >= 1 and not value.is_meta and not value.is_complex()
+    if isinstance(value, (list, tuple)):
+        return len(value) >= 2 and all(isinstance(v, float) for v in value)
     if isinstance(value, (bool, float, np.floating)):
         return True
     if isinstance(value, int):
