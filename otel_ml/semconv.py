@@ -325,7 +325,7 @@ DISTRIBUTION = MetricSpec(
     (LABEL_METRIC,),
 )
 DISTRIBUTION_COUNT = MetricSpec(
-    "otel_ml_distribution_last_count",
+    "otel_ml_distribution_last_size",
     "{value}",
     "gauge",
     "Finite elements of the last distribution.",

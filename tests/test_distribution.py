@@ -75,7 +75,7 @@ def test_reward_distribution_exports_histogram_and_last_step_gauges_per_key_and_
     assert _one(samples, "otel_ml_distribution_sum", **reward) == 11.0
     assert _one(samples, "otel_ml_distribution_bucket", le="+Inf", **reward) == 6
     assert _one(samples, "otel_ml_distribution_bucket", le="0.0", **reward) == 2  # -1 and 0
-    assert _one(samples, "otel_ml_distribution_last_count", **reward) == 3  # NaN excluded
+    assert _one(samples, "otel_ml_distribution_last_size", **reward) == 3  # NaN excluded
     assert _one(samples, "otel_ml_distribution_last_mean", **reward) == pytest.approx(8 / 3)
     assert _one(samples, "otel_ml_distribution_last_min", **reward) == -1.0
     assert _one(samples, "otel_ml_distribution_last_max", **reward) == 5.0

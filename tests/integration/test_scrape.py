@@ -31,7 +31,7 @@ TRAINER = textwrap.dedent(
         with otel_ml.span("前向传播总耗时"):
             pass
         otel_ml.log(step, loss=torch.tensor(2.0 / (step + 1)), lr=1e-3, grad_norm=0.5,
-                    samples=8, tokens=512, kl=0.01, **{"reward/mean": 0.25})
+                    samples=8, tokens=512, kl=0.01, scores=[0.1, 0.5, 0.9], **{"reward/mean": 0.25})
         time.sleep(0.002)
     otel_ml.log(30, loss=float("nan"))
     print(json.dumps({"url": t.metrics_url, "port": t.port}), flush=True)
