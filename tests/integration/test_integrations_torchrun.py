@@ -97,7 +97,8 @@ def test_transformers_trainer_on_two_ranks(processes, tmp_path):
         assert value(samples, "otel_ml_samples_total", rank=str(rank)) == PAUSE * 4
 
 
-LIGHTNING_JOB = """
+#: A 2-rank DDP Lightning job's pieces: a linear model whose rank 1 loss is NaN at NAN_AT, data.
+LIGHTNING_PARTS = """
 import torch
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
@@ -117,17 +118,23 @@ class Model(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
+x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+"""
+
+LIGHTNING_JOB = (
+    LIGHTNING_PARTS
+    + """
 class Pause(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         pause(trainer.global_step)
 
-x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
-data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
                      max_steps=TOTAL, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, log_every_n_steps=1, callbacks=[OtelMLCallback(), Pause()])
 trainer.fit(Model(), data)
 """
+)
 
 
 def test_lightning_trainer_on_two_ranks(processes, tmp_path):
@@ -328,28 +335,12 @@ def test_transformers_ranks_stop_together_on_a_nan_of_one_rank(processes, tmp_pa
     assert all(s["reason"] == [1, "nonfinite", 3] for s in stopped), stopped
 
 
-LIGHTNING_STOP_JOB = """
-import json, torch
+LIGHTNING_STOP_JOB = (
+    LIGHTNING_PARTS
+    + """
+import json
 import otel_ml
-import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy
-from otel_ml.integrations.lightning import OtelMLCallback
 
-class Model(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(4, 1)
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.mse_loss(self.layer(x), y)
-        if RANK == 1 and self.global_step == NAN_AT - 1:
-            loss = loss * float("nan")
-        return loss
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-x = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
-data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
                      max_steps=TOTAL, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, log_every_n_steps=1,
@@ -359,6 +350,7 @@ reason = otel_ml.stop_reason()
 print("STOPPED", json.dumps({"rank": RANK, "step": trainer.global_step,
                              "reason": None if reason is None else [reason.rank, reason.type, reason.step]}))
 """
+)
 
 
 def test_lightning_ranks_stop_together_on_a_nan_of_one_rank(processes, tmp_path):
