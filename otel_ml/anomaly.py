@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -61,6 +61,40 @@ class Anomaly:
     rank: int
     run_id: str
     message: str
+
+
+@dataclass
+class Episode:
+    """One anomaly episode as it went: started, grew, maybe ended (what status files and views show).
+
+    ``count`` is the number of anomalous values seen in it (for a stall: the checks that found it);
+    ``first_step``/``last_step`` are the logged steps of the first and latest of them (None for a
+    stall, which has no step); ``end_time`` is None while the episode is active.
+
+    Example::
+
+        monitor.episodes()[0]  # {"type": "nonfinite", "key": "loss", "first_step": 300, ...}
+    """
+
+    type: str
+    key: str
+    first_step: int | None
+    last_step: int | None
+    count: int
+    start_time: float
+    end_time: float | None
+    message: str
+
+    @property
+    def active(self) -> bool:
+        return self.end_time is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "active": self.active}
+
+
+#: Episodes kept per rank (the oldest ended ones are dropped first; the counters keep the total).
+MAX_EPISODES = 100
 
 
 class AnomalyError(RuntimeError):
@@ -126,6 +160,8 @@ class AnomalyMonitor:
         #: The first ``stop_on`` anomaly of this rank, never cleared (the stop agreement reads it).
         self.stop_seen: Anomaly | None = None
         self._lock = threading.Lock()
+        self._episodes: deque[Episode] = deque(maxlen=MAX_EPISODES)
+        self._open: dict[str, Episode] = {}
         self._nonfinite_keys: set[str] = set()
         c = config
         self._detectors: dict[str, tuple[str, Any]] = {
@@ -167,11 +203,15 @@ class AnomalyMonitor:
             anomalous = instance.observe(value)
             if anomalous != bool(active[kind]):  # messages are formatted on changes only
                 self._set(kind, anomalous, step, key, value, f"{key} {value:.6g} at step {step} is a {kind}")
+            elif anomalous:
+                self._set(kind, True, step, key, value, "")
         if key == "loss":
             plateau = self._plateau.observe(value)
             if plateau != bool(active[LOSS_PLATEAU]):
                 message = f"loss has not improved for {self._plateau.since} logged steps (now {value:.6g})"
                 self._set(LOSS_PLATEAU, plateau, step, key, value, message)
+            elif plateau:
+                self._set(LOSS_PLATEAU, True, step, key, value, "")
 
     def _check_stall(self) -> None:
         limit = self.config.stall_seconds
@@ -181,16 +221,32 @@ class AnomalyMonitor:
         idle = self._clock() - last
         self._set(STALL, idle > limit, None, "step", idle, f"no step for {idle:.0f} s (limit {limit:.0f} s)")
 
+    def episodes(self) -> list[dict[str, Any]]:
+        """This rank's anomaly episodes, oldest first, as plain dicts (any thread)."""
+        with self._lock:
+            return [episode.as_dict() for episode in self._episodes]
+
     def _set(
         self, kind: str, anomalous: bool, step: int | None, key: str, value: float, message: str
     ) -> None:
         if anomalous == bool(self.active[kind]):
+            episode = self._open.get(kind) if anomalous else None
+            if episode is not None:  # the episode goes on: one more anomalous value
+                episode.count += 1
+                if step is not None:
+                    episode.last_step = step
             return
         self.active[kind] = int(anomalous)
         if not anomalous:
+            ended = self._open.pop(kind, None)
+            if ended is not None:
+                ended.end_time = self._clock()
             logger.info("otel_ml: %s on rank %d ended", kind, self.rank)
             return
         self.counts[kind] += 1
+        episode = Episode(kind, key, step, step, 1, self._clock(), None, message)
+        self._open[kind] = episode
+        self._episodes.append(episode)
         anomaly = Anomaly(
             kind, step, key, value, self.rank, self.run_id, f"{kind} on rank {self.rank}: {message}"
         )

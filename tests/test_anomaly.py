@@ -223,3 +223,26 @@ def test_an_anomaly_forces_a_trace_of_its_step_with_an_event(tmp_path):
     assert {a["key"]: a["value"] for a in event["attributes"]}["otel_ml.anomaly.type"] == {
         "stringValue": "nonfinite"
     }
+
+
+def test_episodes_record_first_and_last_step_count_and_end():
+    clock = iter(range(100, 200)).__next__
+    monitor = AnomalyMonitor(AnomalyConfig(), rank=2, run_id="r", clock=lambda: float(clock()))
+    for step in range(5):
+        monitor.observations.append((step, "loss", 1.0))
+    for step in range(300, 303):
+        monitor.observations.append((step, "loss", float("nan")))
+    monitor.process()
+    (episode,) = monitor.episodes()
+    assert (episode["type"], episode["key"], episode["first_step"], episode["last_step"]) == (
+        "nonfinite",
+        "loss",
+        300,
+        302,
+    )
+    assert episode["count"] == 3 and episode["active"] and episode["end_time"] is None
+    monitor.observations.append((303, "loss", 1.0))
+    monitor.process()
+    (ended,) = monitor.episodes()
+    assert not ended["active"] and ended["end_time"] > ended["start_time"]
+    assert ended["last_step"] == 302
