@@ -108,6 +108,31 @@ class StepProgress:
         self.bar.close()
 
 
+class TrackerProgress:
+    """The step bar of a tracker backend: opened on the first logged step, closed by ``finish``.
+
+    Example::
+
+        progress = TrackerProgress(total=100); progress.advance(step=1); progress.finish()
+    """
+
+    def __init__(self, total: int | None = None) -> None:
+        self.total = total
+        self._bar: StepProgress | None = None
+
+    def advance(self, step: int) -> None:
+        if self._bar is None:
+            self._bar = StepProgress(self.total)
+        self._bar.update(step, self.total)
+
+    def finish(self) -> None:
+        """Close the bar (a later step opens a new one) and flush otel_ml's exporters."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        otel_ml.flush()
+
+
 class Mark:
     """The time of the last hook, so that the gap to the next one can be recorded as a region.
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import otel_ml
-from otel_ml.integrations._common import StepProgress, ensure_started, missing
+from otel_ml.integrations._common import TrackerProgress, ensure_started, missing
 from otel_ml.integrations._keys import log_values as mapped
 from otel_ml.runtime import Telemetry
 
@@ -72,8 +72,7 @@ class OtelMLTracker(GeneralTracker):
         super().__init__()
         self.run_name = run_name
         self._options = init_options
-        self._total = total_steps
-        self._progress: StepProgress | None = None
+        self._progress = TrackerProgress(total_steps)
         self._started = False
         _deliver_to_every_rank()
 
@@ -88,21 +87,16 @@ class OtelMLTracker(GeneralTracker):
 
     def store_init_configuration(self, values: Mapping[str, Any]) -> None:
         self.start()
-        self._total = self._total or total_from_config(values)
+        self._progress.total = self._progress.total or total_from_config(values)
 
     def log(self, values: Mapping[str, Any], step: int | None = None, **kwargs: Any) -> None:
         self.start()
         otel_ml.log(step, **mapped(values))  # with stop_on, raises AnomalyError as log() does
         if step is not None:
-            if self._progress is None:
-                self._progress = StepProgress(self._total)
-            self._progress.update(step, self._total)
+            self._progress.advance(step)
 
     def finish(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        otel_ml.flush()
+        self._progress.finish()
 
 
 def register() -> bool:

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import otel_ml
-from otel_ml.integrations._common import StepProgress, ensure_started
+from otel_ml.integrations._common import TrackerProgress, ensure_started
 from otel_ml.integrations._keys import flatten, is_scalar, to_float
 from otel_ml.regions import record
 
@@ -94,8 +94,7 @@ class OtelMLTracking:
 
     def __init__(self, total_steps: int | None = None, **init_options: Any) -> None:
         ensure_started(init_options)
-        self._total = total_steps
-        self._progress: StepProgress | None = None
+        self._progress = TrackerProgress(total_steps)
 
     def log(self, data: Mapping[str, Any], step: int) -> None:
         """Export one step's metrics; with ``stop_on``, raises ``otel_ml.AnomalyError`` as ``log()`` does."""
@@ -106,12 +105,7 @@ class OtelMLTracking:
             for name, seconds in timers.items():
                 record(name, seconds)
         otel_ml.log(step, **values)  # after the regions: they belong to the step this call closes
-        if self._progress is None:
-            self._progress = StepProgress(self._total)
-        self._progress.update(step, self._total)
+        self._progress.advance(step)
 
     def finish(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        otel_ml.flush()
+        self._progress.finish()
