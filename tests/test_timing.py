@@ -531,3 +531,39 @@ def test_nesting_deeper_than_the_stack_bound_keeps_the_outer_levels_and_balance(
         assert depths == list(range(1, 257 if timing.ACCELERATED else 301))  # C keeps 256 levels
     finally:
         timing.install(None)
+
+
+def test_modules_timed_every_nth_step_are_summarised_per_timed_step():
+    import torch
+    from torch import nn
+
+    from otel_ml.regions import module_tracing
+    from otel_ml.regions.render import render_text
+    from otel_ml.regions.stats import outside
+
+    recorder = timing.Recorder(PathTree(), on_boundary=(module_tracing.step_boundary,))
+    aggregator = Aggregator(
+        recorder, TracerProvider(shutdown_on_exit=False).get_tracer("t"), {}, sampler=TraceSampler(0, 0)
+    )
+    timing.install(recorder)
+    try:
+        net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        tracer = otel_ml.trace_modules(net, depth=1, every=2, name="net")
+        for step in range(7):  # steps 2, 4 and 6 are timed
+            with otel_ml.span("step"):
+                net(torch.ones(4, 8, requires_grad=True)).sum().backward()
+            recorder.step_end(step)
+        tracer.remove()
+        aggregator.process()
+        rows = {r.path: r for r in aggregator.summary_rows()}
+        layer = rows["step/net/0"]
+        assert layer.sampled and layer.timed_steps == 3 and layer.count == 3
+        assert layer.ms_per_step == pytest.approx(layer.total_ms / 3)
+        top = rows["step"]
+        assert not top.sampled and top.ms_per_step == pytest.approx(top.total_ms / 7)
+        rest = outside(list(rows.values()), aggregator.step_time, aggregator.steps)
+        assert top.total_ms + rest.total_ms == pytest.approx(aggregator.step_time * 1e3)
+        text = render_text(list(rows.values()), "t", rest)
+        assert "sampled 3/7" in next(line for line in text.splitlines() if line.strip().startswith("0 "))
+    finally:
+        timing.install(None)

@@ -3,26 +3,33 @@
 :class:`PathStats` accumulates one path's durations: count, total, self time, min, max exactly,
 and a bounded reservoir for percentiles (exact while a path has at most ``RESERVOIR`` samples,
 a uniform random sample after that). :func:`build_summary` turns the stats into
-:class:`SummaryRow` objects and :func:`summary_document` into the JSON summary; drawing them is
-:mod:`otel_ml.regions.render`'s job.
+:class:`SummaryRow` objects, :func:`outside` finds the step time no top-level region covered
+(so that the top-level rows and it add up to all step time), and :func:`summary_document` makes
+the JSON summary; drawing them is :mod:`otel_ml.regions.render`'s job.
+
+A path timed on some steps only (``trace_modules(every=N)``) is *sampled*: its milliseconds and
+shares are per step it was timed in, not diluted over all steps.
 
 Example::
 
     stats = PathStats()
     stats.add(0.004, self_time=0.001, host=0.004)
     rows = build_summary({node: stats}, step_time=0.01, steps=1)
+    outside(rows, step_time=0.01, steps=1).share_pct  # 60.0
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 #: Samples kept per path for percentiles.
 RESERVOIR = 4096
+#: The row of step time that no top-level region covered.
+OUTSIDE = "(outside regions)"
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -92,7 +99,11 @@ class PathStats:
 
 @dataclass
 class SummaryRow:
-    """One path of the summary; times in milliseconds, shares in percent of step time."""
+    """One path of the summary; times in milliseconds, shares in percent of step time.
+
+    ``sampled`` paths (timed on ``timed_steps`` of the steps only) have ``ms_per_step`` and
+    shares per step they were timed in; ``total_ms`` is always the time really measured.
+    """
 
     path: str
     name: str
@@ -108,6 +119,22 @@ class SummaryRow:
     share_pct: float
     self_share_pct: float
     gpu_timed: bool
+    sampled: bool = False
+    timed_steps: int = 0
+    ms_per_step: float = 0.0
+
+
+@dataclass
+class Outside:
+    """Step time outside every top-level region: ``total_ms`` is step time minus the time of the
+    top-level rows (never below zero); ``covered_pct`` is the top-level rows' time in percent of
+    step time, above 100 when they overlap (regions on several threads at once)."""
+
+    total_ms: float
+    ms_per_step: float
+    share_pct: float
+    covered_pct: float
+    steps: int
 
 
 def _share(seconds: float, stats: PathStats, step_time: float, steps: int) -> float:
@@ -115,9 +142,45 @@ def _share(seconds: float, stats: PathStats, step_time: float, steps: int) -> fl
     step) of the steps it was timed in."""
     if step_time <= 0:
         return 0.0
-    if stats.sampled and 0 < stats.windows < steps and stats.window_time > 0:
+    if is_sampled(stats, steps) and stats.window_time > 0:
         return 100.0 * seconds / stats.window_time
     return 100.0 * seconds / step_time
+
+
+def tree_order(nodes: Iterable[Any], size: Callable[[Any], float]) -> list[tuple[Any, int, str, Any]]:
+    """``(node, depth, name, shown parent)`` in tree order: parents first, siblings by ``size``,
+    largest first. Depth 1 is the top level.
+
+    ``nodes`` are path nodes (anything with ``path`` and ``parent``). A level that was never timed
+    itself (``inference`` of ``inference/batch``) is not a row: the name then carries the missing
+    levels, and the shown parent is the nearest ancestor among ``nodes`` (None at the top level).
+    """
+    known = dict.fromkeys(nodes)  # a dict, not a set: equal sizes keep the given order
+
+    def shown_ancestor(node: Any) -> Any:
+        parent = node.parent
+        while parent is not None and parent not in known:
+            parent = parent.parent
+        return parent
+
+    children: dict[Any, list[Any]] = {}
+    for node in known:
+        children.setdefault(shown_ancestor(node), []).append(node)
+    out: list[tuple[Any, int, str, Any]] = []
+
+    def visit(parent: Any, depth: int) -> None:
+        for node in sorted(children.get(parent, []), key=lambda n: -size(n)):
+            prefix = parent.path + "/" if parent is not None and parent.path else ""
+            out.append((node, depth, node.path[len(prefix) :], parent))
+            visit(node, depth + 1)
+
+    visit(None, 1)
+    return out
+
+
+def is_sampled(stats: PathStats, steps: int) -> bool:
+    """Timed on some of the closed steps only (module timing every Nth step)."""
+    return stats.sampled and 0 < stats.windows < steps
 
 
 def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) -> list[SummaryRow]:
@@ -126,52 +189,60 @@ def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) 
     ``stats`` maps path nodes (anything with ``path``, ``name``, ``depth``, ``parent``) to stats;
     ``step_time`` is the summed duration of all closed steps, the denominator of the shares.
     """
-    known = set(stats)
     rows: list[SummaryRow] = []
-
-    def shown_ancestor(node: Any) -> Any:
-        parent = node.parent
-        while parent is not None and parent not in known:
-            parent = parent.parent
-        return parent
-
-    def visit(nodes: list[Any], depth: int) -> None:
-        for node in sorted(nodes, key=lambda n: -stats[n].total):
-            s = stats[node]
-            ordered = sorted(s.samples)
-            ancestor = shown_ancestor(node)
-            # A level that was never timed itself (``inference`` of ``inference/batch``) is not a
-            # row: the name then carries the missing levels.
-            prefix = ancestor.path + "/" if ancestor is not None and ancestor.path else ""
-            rows.append(
-                SummaryRow(
-                    path=node.path,
-                    name=node.path[len(prefix) :],
-                    depth=depth,
-                    count=s.count,
-                    total_ms=s.total * 1e3,
-                    self_ms=s.self_total * 1e3,
-                    mean_ms=s.total / s.count * 1e3 if s.count else 0.0,
-                    p50_ms=percentile(ordered, 50) * 1e3,
-                    p95_ms=percentile(ordered, 95) * 1e3,
-                    min_ms=s.min * 1e3,
-                    max_ms=s.max * 1e3,
-                    share_pct=_share(s.total, s, step_time, steps),
-                    self_share_pct=_share(s.self_total, s, step_time, steps),
-                    gpu_timed=s.gpu_count > 0,
-                )
+    for node, depth, name, _ in tree_order(stats, lambda n: stats[n].total):
+        s = stats[node]
+        ordered = sorted(s.samples)
+        sampled = is_sampled(s, steps)
+        per = s.windows if sampled else steps
+        rows.append(
+            SummaryRow(
+                path=node.path,
+                name=name,
+                depth=depth,
+                count=s.count,
+                total_ms=s.total * 1e3,
+                self_ms=s.self_total * 1e3,
+                mean_ms=s.total / s.count * 1e3 if s.count else 0.0,
+                p50_ms=percentile(ordered, 50) * 1e3,
+                p95_ms=percentile(ordered, 95) * 1e3,
+                min_ms=s.min * 1e3,
+                max_ms=s.max * 1e3,
+                share_pct=_share(s.total, s, step_time, steps),
+                self_share_pct=_share(s.self_total, s, step_time, steps),
+                gpu_timed=s.gpu_count > 0,
+                sampled=sampled,
+                timed_steps=s.windows,
+                ms_per_step=s.total / per * 1e3 if per else 0.0,
             )
-            visit(children.get(node, []), depth + 1)
-
-    children: dict[Any, list[Any]] = {}
-    roots = []
-    for node in stats:
-        ancestor = shown_ancestor(node)
-        (children.setdefault(ancestor, []) if ancestor is not None else roots).append(node)
-    visit(roots, 1)
+        )
     return rows
 
 
-def summary_document(rows: list[SummaryRow], header: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON summary: run facts plus one object per path."""
-    return {**header, "paths": [asdict(r) for r in rows]}
+def outside(rows: Sequence[SummaryRow], step_time: float, steps: int) -> Outside:
+    """The step time no top-level row covered (``step_time`` in seconds, summed over ``steps``).
+
+    Top-level rows count with all the time they measured, sampled or not, so that the top-level
+    rows' time and this add up to ``step_time`` (unless the top-level rows overlap).
+    """
+    step_ms = step_time * 1e3
+    covered = sum(r.total_ms for r in rows if r.depth == 1)
+    total = max(0.0, step_ms - covered)
+    return Outside(
+        total_ms=total,
+        ms_per_step=total / steps if steps > 0 else 0.0,
+        share_pct=100.0 * total / step_ms if step_ms > 0 else 0.0,
+        covered_pct=100.0 * covered / step_ms if step_ms > 0 else 0.0,
+        steps=steps,
+    )
+
+
+def summary_document(
+    rows: list[SummaryRow], header: Mapping[str, Any], outside_time: Outside | None = None
+) -> dict[str, Any]:
+    """The JSON summary: run facts, the time outside every region and one object per path."""
+    document: dict[str, Any] = dict(header)
+    if outside_time is not None:
+        document["outside_regions"] = asdict(outside_time)
+    document["paths"] = [asdict(r) for r in rows]
+    return document

@@ -32,7 +32,7 @@ from otel_ml.regions.cuda_events import cuda_events_if_active
 from otel_ml.regions.pathtree import PathTree
 from otel_ml.regions.render import TimingTable, render_text
 from otel_ml.regions.sampling import StepFlags, TraceSampler
-from otel_ml.regions.stats import summary_document
+from otel_ml.regions.stats import outside, summary_document
 from otel_ml.rundir import SUMMARY_JSON, SUMMARY_TEXT, write_private
 
 
@@ -130,7 +130,8 @@ class Timekeeper:
             f"otel_ml timing summary: rank {self._rank}, run {self._run_id}, {agg.steps} steps, "
             f"{agg.step_time:.3f} s of step time"
         )
-        text = render_text(rows, title)
+        outside_time = outside(rows, agg.step_time, agg.steps)
+        text = render_text(rows, title, outside_time)
         header = {
             "run_id": self._run_id,
             "rank": self._rank,
@@ -138,7 +139,9 @@ class Timekeeper:
             "step_time_s": agg.step_time,
         }
         try:
-            write_private(rank_dir / SUMMARY_JSON, json.dumps(summary_document(rows, header), indent=2))
+            write_private(
+                rank_dir / SUMMARY_JSON, json.dumps(summary_document(rows, header, outside_time), indent=2)
+            )
             write_private(rank_dir / SUMMARY_TEXT, text + "\n")
         except OSError as exc:
             warn_once("summary-file", "otel_ml: could not write the timing summary: %s", exc.strerror or exc)
