@@ -26,6 +26,7 @@ from otel_ml.runtime import (
     shutdown,
     stop_reason,
 )
+from otel_ml.scores import Scores, ScoreSummary, scores
 from otel_ml.stopping import StopReason
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "Config",
     "ModuleTracer",
     "Region",
+    "ScoreSummary",
+    "Scores",
     "StopReason",
     "Telemetry",
     "__version__",
@@ -43,6 +46,7 @@ __all__ = [
     "init",
     "log",
     "on_anomaly",
+    "scores",
     "should_stop",
     "shutdown",
     "span",

@@ -409,6 +409,15 @@ class Config:
             "symmetric -100..100",
         ),
     )
+    score_print: str = field(
+        default="batch",
+        metadata=_opt(
+            ("OTEL_ML_SCORE_PRINT",),
+            p.choice_parser("off", "batch", "sample"),
+            "What otel_ml.scores() prints on the rank's terminal: `off`, `batch` (a line per batch and "
+            "the final summary) or `sample` (also a line per sample); `show=` overrides it per call.",
+        ),
+    )
     shutdown_timeout: float = field(
         default=5.0,
         metadata=_opt(
@@ -466,6 +475,8 @@ class Config:
             raise ValueError("tail_factor must be >= 0")
         if self.progress_view not in ("auto", "on", "off"):
             raise ValueError(f"progress_view must be 'auto', 'on' or 'off', not {self.progress_view!r}")
+        if self.score_print not in ("off", "batch", "sample"):
+            raise ValueError(f"score_print must be 'off', 'batch' or 'sample', not {self.score_print!r}")
         if self.cuda_timing not in ("auto", "on", "off"):
             raise ValueError(f"cuda_timing must be 'auto', 'on' or 'off', not {self.cuda_timing!r}")
 

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "otel_ml.console", "otel_ml.health", "otel_ml.histogram", "otel_ml.detectors",
             "otel_ml.collection", "otel_ml.anomaly_config", "otel_ml.config", "otel_ml.ranks",
             "otel_ml.gpu", "otel_ml.threads", "otel_ml.observables", "otel_ml.distribution",
+            "otel_ml.score_lines",
         ),
     ),
     ("pipeline and exporters", ("otel_ml.pipeline", "otel_ml.exporters", "otel_ml.exporters.")),
@@ -38,7 +39,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "otel_ml.offline", "otel_ml.offline.",
         ),
     ),
-    ("runtime", ("otel_ml.runtime",)),
+    # otel_ml.scores reads the running instance, as the module functions of runtime do.
+    ("runtime", ("otel_ml.runtime", "otel_ml.scores")),
     ("entry points", ("otel_ml", "otel_ml.cli", "otel_ml.cli.", "otel_ml._testing")),
     # Framework glue on top of the public API: nothing in otel_ml imports it.
     ("integrations", ("otel_ml.integrations", "otel_ml.integrations.")),
