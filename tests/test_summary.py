@@ -15,7 +15,15 @@ from otel_ml.console import Console
 from otel_ml.regions import recorder as timing
 from otel_ml.regions.aggregator import Aggregator
 from otel_ml.regions.pathtree import PathTree
-from otel_ml.regions.render import OTHER, TimingTable, WindowShare, render_line, render_table, render_text
+from otel_ml.regions.render import (
+    OTHER,
+    FirstStep,
+    TimingTable,
+    WindowShare,
+    render_line,
+    render_table,
+    render_text,
+)
 from otel_ml.regions.sampling import TraceSampler
 from otel_ml.regions.stats import OUTSIDE, RESERVOIR, PathStats, outside, percentile, summary_document
 from tests.support.clock import FakeClock
@@ -302,6 +310,8 @@ def test_live_table_shows_each_refresh_its_own_steps_when_one_drain_closes_many(
         recorder.step_end(step)
     agg.process()
     first, second = _refreshes(stream)
+    titles = [line for line in stream.getvalue().splitlines() if line.startswith("otel_ml timing:")]
+    assert "the first step counts from init()" in titles[0] and "init()" not in titles[1]
     assert first == {"forward": (5.0, "ms/step", 50.0, None), OUTSIDE: (5.0, "ms/step", 50.0, None)}
     assert second == {"forward": (1.0, "ms/step", 10.0, None), OUTSIDE: (9.0, "ms/step", 90.0, None)}
 
@@ -363,3 +373,31 @@ def test_live_table_merges_top_level_paths_past_top_so_the_shares_still_add_up(t
     assert list(refresh) == ["a", "b", OTHER, OUTSIDE]
     assert refresh[OTHER] == (3.0, "ms/step", 15.0, None)
     assert _top_level_sum(refresh) == pytest.approx(100.0, abs=0.2)
+
+
+def test_the_setup_before_the_first_step_is_shown_apart_in_the_outside_row(clocked):
+    clock, recorder, _ = clocked
+    first = FirstStep()
+    agg = Aggregator(
+        recorder,
+        TracerProvider(shutdown_on_exit=False).get_tracer("t"),
+        {},
+        sampler=TraceSampler(0, 0),
+        on_window=[first],
+    )
+    clock.advance(25)  # init() to the loop: building the model, the process group
+    for step in range(3):  # 10 ms steps: forward 6 ms, 4 ms outside
+        with otel_ml.span("forward"):
+            clock.advance(6)
+        clock.advance(4)
+        recorder.step_end(step)
+    agg.process()
+    assert first.outside == pytest.approx(0.029)  # the 25 ms of setup and the step's own 4 ms
+    rows = agg.summary_rows()
+    rest = outside(rows, agg.step_time, agg.steps, first.outside)
+    assert rest.total_ms == pytest.approx(37.0) and rest.first_step_ms == pytest.approx(29.0)
+    last = render_text(rows, "title", rest).splitlines()[-1]
+    assert last.startswith(OUTSIDE) and last.endswith(
+        "67.3%  52.7% in the first step, which counts from init()"
+    )
+    assert summary_document(rows, {}, rest)["outside_regions"]["first_step_ms"] == pytest.approx(29.0)

@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from otel_ml.regions.recorder import END, GPU, NODE, START
-from otel_ml.regions.stats import OUTSIDE, Outside, SummaryRow, tree_order
+from otel_ml.regions.stats import OUTSIDE, Outside, SummaryRow, top_level_time, tree_order
 
 if TYPE_CHECKING:  # annotations only: the aggregator calls the table, the table never builds one
     from otel_ml.regions.aggregator import Aggregator
 
 #: The row that merges top-level paths past the table's ``top``, so the shares still add up.
 OTHER = "(other regions)"
+#: The note on the outside row: its part in the first step, which counts from ``init()`` (the setup).
+FIRST_STEP = "in the first step, which counts from init()"
 #: Top-level rows covering more than this percent of step time overlap (several threads).
 OVERLAP_PCT = 100.5
 
@@ -62,9 +64,11 @@ def render_text(rows: list[SummaryRow], title: str, outside_time: Outside | None
             f"{note}"
         )
     if outside_time is not None:
-        lines.append(
-            f"{OUTSIDE:<{width}}{'':>8}{outside_time.ms_per_step:>10.3f}{'':>55}{outside_time.share_pct:>7.1f}%"
-        )
+        o = outside_time
+        note = ""
+        if o.first_step_ms > 0 and o.total_ms > 0:
+            note = f"  {o.share_pct * o.first_step_ms / o.total_ms:.1f}% {FIRST_STEP}"
+        lines.append(f"{OUTSIDE:<{width}}{'':>8}{o.ms_per_step:>10.3f}{'':>55}{o.share_pct:>7.1f}%{note}")
     if any(r.sampled for r in rows):
         lines.append("sampled: timed on some steps only; ms/step and shares are per step it was timed in")
     if outside_time is not None and outside_time.covered_pct > OVERLAP_PCT:
@@ -183,6 +187,31 @@ def closed_totals(aggregator: Aggregator) -> dict[Any, tuple[float, int, float, 
     }
 
 
+class FirstStep:
+    """``on_window`` callback: the time of the first closed step outside every top-level region.
+
+    The first step counts from ``init()``, so this is mostly the setup before the loop; the
+    summary shows it apart (:attr:`otel_ml.regions.stats.Outside.first_step_ms`).
+
+    Example::
+
+        first = FirstStep()
+        agg = Aggregator(recorder, tracer, labels, on_window=[first])
+        ...
+        outside(agg.summary_rows(), agg.step_time, agg.steps, first.outside)
+    """
+
+    def __init__(self) -> None:
+        self.outside = 0.0
+        self._seen = False
+
+    def __call__(self, aggregator: Aggregator, step: int | None, duration: float) -> None:
+        if not self._seen:
+            self._seen = True
+            covered = top_level_time({node: t[0] for node, t in closed_totals(aggregator).items()})
+            self.outside = max(0.0, duration - covered)
+
+
 class TimingTable:
     """Every ``every`` closed steps, show where the time of those steps went (see module docstring).
 
@@ -198,6 +227,7 @@ class TimingTable:
         self._steps = 0
         self._elapsed = 0.0
         self._last: dict[Any, tuple[float, int, float, bool]] = {}
+        self._first = True
 
     def __call__(self, aggregator: Aggregator, step: int | None, duration: float) -> None:
         self._steps += 1
@@ -212,7 +242,9 @@ class TimingTable:
         shares, covered = window_shares(deltas, self._steps, self._elapsed, self._top)
         per_step = 1e3 * self._elapsed / self._steps
         title = f"otel_ml timing: last {self._steps} steps (to step {step}), {per_step:.2f} ms/step"
+        if self._first:
+            title += "; the first step counts from init()"
         if covered > OVERLAP_PCT:
             title += f"; top-level regions overlap, covering {covered:.0f}% of it"
         self._console.show(render_table(shares, title), render_line(shares, title), section="timing")
-        self._last, self._steps, self._elapsed = totals, 0, 0.0
+        self._last, self._steps, self._elapsed, self._first = totals, 0, 0.0, False

@@ -128,13 +128,17 @@ class SummaryRow:
 class Outside:
     """Step time outside every top-level region: ``total_ms`` is step time minus the time of the
     top-level rows (never below zero); ``covered_pct`` is the top-level rows' time in percent of
-    step time, above 100 when they overlap (regions on several threads at once)."""
+    step time, above 100 when they overlap (regions on several threads at once).
+
+    ``first_step_ms`` is the part of ``total_ms`` in the first step, which counts from ``init()``:
+    the setup before the loop (building the model, the process group) is outside any region."""
 
     total_ms: float
     ms_per_step: float
     share_pct: float
     covered_pct: float
     steps: int
+    first_step_ms: float = 0.0
 
 
 def _share(seconds: float, stats: PathStats, step_time: float, steps: int) -> float:
@@ -219,8 +223,17 @@ def build_summary(stats: Mapping[Any, PathStats], step_time: float, steps: int) 
     return rows
 
 
-def outside(rows: Sequence[SummaryRow], step_time: float, steps: int) -> Outside:
-    """The step time no top-level row covered (``step_time`` in seconds, summed over ``steps``).
+def top_level_time(totals: Mapping[Any, float]) -> float:
+    """The summed time of the top-level paths among ``totals`` (path node -> seconds)."""
+    timed = [node for node, seconds in totals.items() if seconds > 0]
+    return sum(totals[node] for node, depth, _, _ in tree_order(timed, totals.__getitem__) if depth == 1)
+
+
+def outside(
+    rows: Sequence[SummaryRow], step_time: float, steps: int, first_step_outside: float = 0.0
+) -> Outside:
+    """The step time no top-level row covered (``step_time`` in seconds, summed over ``steps``;
+    ``first_step_outside``: seconds of it in the first step).
 
     Top-level rows count with all the time they measured, sampled or not, so that the top-level
     rows' time and this add up to ``step_time`` (unless the top-level rows overlap).
@@ -234,6 +247,7 @@ def outside(rows: Sequence[SummaryRow], step_time: float, steps: int) -> Outside
         share_pct=100.0 * total / step_ms if step_ms > 0 else 0.0,
         covered_pct=100.0 * covered / step_ms if step_ms > 0 else 0.0,
         steps=steps,
+        first_step_ms=min(total, max(0.0, first_step_outside * 1e3)),
     )
 
 

@@ -30,7 +30,7 @@ from otel_ml.regions import module_tracing, recorder
 from otel_ml.regions.aggregator import Aggregator
 from otel_ml.regions.cuda_events import cuda_events_if_active
 from otel_ml.regions.pathtree import PathTree
-from otel_ml.regions.render import TimingTable, render_text
+from otel_ml.regions.render import FirstStep, TimingTable, render_text
 from otel_ml.regions.sampling import StepFlags, TraceSampler
 from otel_ml.regions.stats import outside, summary_document
 from otel_ml.rundir import SUMMARY_JSON, SUMMARY_TEXT, write_private
@@ -80,6 +80,7 @@ class Timekeeper:
             sample_every=cfg.trace_every or 100,
             on_boundary=(module_tracing.step_boundary,),
         )
+        self._first_step = FirstStep()
         table = (
             [TimingTable(self.console, cfg.timing_table_every, cfg.timing_table_top)]
             if cfg.timing_table and rank == 0
@@ -93,7 +94,7 @@ class Timekeeper:
             sampler=TraceSampler(every=cfg.trace_every, factor=cfg.tail_factor),
             flags=flags,
             before=before,
-            on_window=table,
+            on_window=[self._first_step, *table],
         )
         self.aggregator.register(meter, collection)
         self._dynamo_allowed = False
@@ -130,7 +131,7 @@ class Timekeeper:
             f"otel_ml timing summary: rank {self._rank}, run {self._run_id}, {agg.steps} steps, "
             f"{agg.step_time:.3f} s of step time"
         )
-        outside_time = outside(rows, agg.step_time, agg.steps)
+        outside_time = outside(rows, agg.step_time, agg.steps, self._first_step.outside)
         text = render_text(rows, title, outside_time)
         header = {
             "run_id": self._run_id,
