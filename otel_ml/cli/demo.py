@@ -19,6 +19,7 @@ from STEP on; ``--slow RANK:MS`` makes that rank's forward pass MS milliseconds 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -83,9 +84,13 @@ def worker(args: argparse.Namespace) -> int:
             hidden = self.encoder(self.embed(tokens) + self.pos, mask=self.mask, is_causal=True)
             return self.head(hidden)
 
-    # The causal mask is a constant buffer: broadcasting buffers every forward (DDP's default)
-    # would make fast ranks wait inside forward and hide a straggler's slow forward.
-    model = nn.parallel.DistributedDataParallel(TinyLM(), broadcast_buffers=False)
+    # The causal mask is a constant buffer: syncing buffers every forward (DDP's default) would
+    # make fast ranks wait inside forward and hide a straggler's slow forward. torch 2.13 renamed
+    # the switch to forward_sync_buffers (broadcast_buffers warns there); older torch has only the
+    # old name (the new one still syncs buffers once at construction: the mask is the same anyway).
+    ddp = nn.parallel.DistributedDataParallel
+    renamed = "forward_sync_buffers" in inspect.signature(ddp).parameters
+    model = ddp(TinyLM(), **{"forward_sync_buffers" if renamed else "broadcast_buffers": False})
     otel_ml.trace_modules(model.module, depth=2)  # forward and backward time per module
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     warmup = max(1, args.steps // 10)
