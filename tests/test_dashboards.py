@@ -219,6 +219,74 @@ def test_training_overview_content() -> None:
         assert panels[title]["fieldConfig"]["defaults"].get("noValue"), f"{title}: say why it can be empty"
 
 
+def _fills_max_down_to_min(panel: dict[str, Any]) -> bool:
+    """The min..max band: the series named max is filled down to the one named min."""
+    for override in panel["fieldConfig"]["overrides"]:
+        if override["matcher"] == {"id": "byName", "options": "max"}:
+            return {"id": "custom.fillBelowTo", "value": "min"} in override["properties"]
+    return False
+
+
+def _distribution_heatmap_is_a_share_per_bucket(panel: dict[str, Any], selector: str) -> None:
+    (target,) = panel["targets"]
+    assert target["format"] == "heatmap" and panel["options"]["calculate"] is False
+    expr = target["expr"]
+    # buckets over the elements logged in the same interval: each column sums to 1
+    bucket, count = expr.split("/ on () group_left ()")
+    assert "sum by (le)" in bucket and f"otel_ml_distribution_bucket{{{selector}}}" in bucket
+    assert f"otel_ml_distribution_count{{{selector}}}" in count and "> 0" in count
+    assert panel["options"]["cellValues"]["unit"] == "percentunit"
+
+
+def test_training_overview_distribution_row() -> None:
+    board = _by_uid("otel-ml-training")
+    variable = variables_of(board)["distribution"]
+    assert variable_query(variable).replace(" ", "") == (
+        'label_values(otel_ml_distribution_last_size{run_id="$run_id"},metric)'
+    )
+    assert variable["current"]["value"] == "reward" and variable["multi"] is False
+    selector = 'run_id="$run_id", rank=~"$rank", metric="$distribution"'
+    panels = [p for p in iter_panels(board) if "otel_ml_distribution" in str(p["targets"])]
+    assert len(panels) >= 4
+    for panel in panels:
+        assert all(selector in t["expr"] for t in panel["targets"]), panel["title"]
+        assert "$distribution" in panel["title"]
+        assert panel["fieldConfig"]["defaults"].get("noValue"), panel["title"]
+    (heatmap,) = [p for p in panels if p["type"] == "heatmap"]
+    _distribution_heatmap_is_a_share_per_bucket(heatmap, selector)
+    (band,) = [p for p in panels if "last_mean" in str(p["targets"])]
+    assert {t["legendFormat"] for t in band["targets"]} == {"min", "mean", "max"}
+    assert _fills_max_down_to_min(band)
+    for panel in (heatmap, band):  # one per rank: side by side
+        assert panel["repeat"] == "rank" and panel["repeatDirection"] == "h", panel["title"]
+    queried = " ".join(str(p["targets"]) for p in panels)
+    gauges = set(re.findall(r"otel_ml_distribution_last_\w+", queried))
+    assert gauges == {f"otel_ml_distribution_last_{s}" for s in ("size", "mean", "min", "max", "stddev")}
+
+
+def test_inference_score_distributions() -> None:
+    board = _by_uid("otel-ml-inference")
+    variable = variables_of(board)["score"]
+    assert variable_query(variable).replace(" ", "") == (
+        'label_values(otel_ml_distribution_last_size{run_id="$run_id"},metric)'
+    )
+    assert variable["current"]["value"] == ["score"] and variable["multi"] is True
+    assert variable["allValue"] == ".*"
+    selector = 'run_id="$run_id", rank=~"$rank", metric=~"$score"'
+    panels = [p for p in iter_panels(board) if "otel_ml_distribution" in str(p["targets"])]
+    assert len(panels) >= 3
+    for panel in panels:
+        assert all(selector in t["expr"] for t in panel["targets"]), panel["title"]
+    (heatmap,) = [p for p in panels if p["type"] == "heatmap"]
+    _distribution_heatmap_is_a_share_per_bucket(heatmap, selector)
+    (band,) = [p for p in panels if p["type"] == "timeseries"]
+    assert _fills_max_down_to_min(band)
+    assert heatmap["repeat"] == band["repeat"] == "score"
+    (summary,) = [p for p in panels if p["type"] == "table"]
+    renamed = summary["transformations"][1]["options"]["renameByName"]
+    assert set(renamed.values()) == {"score", "scores", "mean", "median", "min", "max"}
+
+
 def test_where_does_the_step_go_content() -> None:
     board = _by_uid("otel-ml-step")
     panels = list(iter_panels(board))

@@ -35,6 +35,7 @@ import otel_ml
 from otel_ml.rundir import ENDPOINT_FILE, rank_dir
 
 VOCAB, SEQ, BATCH, DIM = 64, 32, 16, 64
+REWARD_BUCKETS = tuple(i / 10 for i in range(11))
 
 
 def _free_port() -> int:
@@ -67,7 +68,8 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    telemetry = otel_ml.init(service_name="otel-ml-demo")
+    # "reward" is a distribution (one value per sequence, in [0, 1]): buckets of 0.1 for its heatmap.
+    telemetry = otel_ml.init(service_name="otel-ml-demo", distribution_buckets={"reward": REWARD_BUCKETS})
     torch.manual_seed(0)
 
     class TinyLM(nn.Module):
@@ -121,6 +123,9 @@ def worker(args: argparse.Namespace) -> int:
         with torch.no_grad():
             log_probs = torch.log_softmax(logits, dim=-1)
             kl = (log_probs.exp() * (log_probs + math.log(VOCAB))).sum(-1).mean()  # KL(p || uniform)
+            # A stand-in for an RL reward per rollout: the share of each sequence's next tokens
+            # predicted right. Logged as a distribution (histogram + last min/mean/max/stddev).
+            reward = (logits.argmax(-1) == targets).float().mean(-1)
         logged_loss = loss.detach()
         if nan_at and nan_at[0] == rank and step >= nan_at[1]:
             logged_loss = torch.tensor(float("nan"))
@@ -132,6 +137,7 @@ def worker(args: argparse.Namespace) -> int:
             samples=BATCH,
             tokens=BATCH * SEQ,
             kl=kl,
+            reward=reward,
         )
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -35,6 +35,8 @@ DEFAULT_VARIABLES: dict[str, str] = {
     "rank": ".*",  # the All value (allValue) of the multi-value rank variable
     "path": "forward",
     "task": "inference",
+    "distribution": "reward",
+    "score": "score",
 }
 
 # ${name}, ${name:format}, $name, [[name]] (the last is legacy, but Grafana still expands it)
