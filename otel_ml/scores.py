@@ -111,7 +111,7 @@ class _RecordWriter:
         self._health = health
         self._queue: deque[dict[str, Any]] = deque()
         self._cond = threading.Condition()
-        self._busy = self._stopping = self._disabled = False
+        self._stopping = self._disabled = False
         self._thread = threading.Thread(target=self._run, name=f"{THREAD_PREFIX}-scores", daemon=True)
         self._thread.start()
 
@@ -134,19 +134,16 @@ class _RecordWriter:
                     self._cond.wait()
                 batch, stopping = list(self._queue), self._stopping
                 self._queue.clear()
-                self._busy = True
-            try:
-                self._write(batch)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+            self._write(batch)
             if stopping and not self._queue:
                 self._file.close()
                 return
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
-        if not batch or self._disabled:
+        if not batch:
+            return
+        if self._disabled:
+            self._health.dropped("scores", len(batch))
             return
         try:
             for record in batch:  # one write per line: rotation happens between lines, never inside one
