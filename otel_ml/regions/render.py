@@ -82,7 +82,12 @@ def render_text(rows: list[SummaryRow], title: str, outside_time: Outside | None
 @dataclass
 class WindowShare:
     """One row of the live table: ``ms`` per step (per timed step when ``sampled``) and ``pct`` of
-    step time (of the timed steps' time when ``sampled``) over the table's last steps."""
+    step time (of the timed steps' time when ``sampled``) over the table's last ``steps``.
+
+    Example::
+
+        WindowShare("forward/layers.1", "layers.1", 2, 6.02, 30.1, sampled=True, timed_steps=6, steps=50)
+    """
 
     path: str
     name: str
@@ -125,7 +130,8 @@ def window_shares(
             children.setdefault(parent, []).append(node)
     # Largest share first among the rows whose parent is shown: a sampled child may show a larger
     # share (of its timed steps) than its parent does of all steps.
-    candidates = [(-rows[c].pct, i, c) for i, c in enumerate(c for p in shown for c in children.get(p, []))]
+    first = (c for p in tops[:top] for c in children.get(p, []))
+    candidates = [(-rows[c].pct, i, c) for i, c in enumerate(first)]
     heapq.heapify(candidates)
     tie = len(candidates)
     while candidates and len(shown) < top:

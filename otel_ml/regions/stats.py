@@ -131,7 +131,12 @@ class Outside:
     step time, above 100 when they overlap (regions on several threads at once).
 
     ``first_step_ms`` is the part of ``total_ms`` in the first step, which counts from ``init()``:
-    the setup before the loop (building the model, the process group) is outside any region."""
+    the setup before the loop (building the model, the process group) is outside any region.
+
+    Example::
+
+        outside(rows, step_time=0.04, steps=4)  # Outside(total_ms=4.0, ms_per_step=1.0, share_pct=10.0, ...)
+    """
 
     total_ms: float
     ms_per_step: float
