@@ -109,8 +109,11 @@ def batch_line(number: int, first: int, batch: Summary, samples: int, name: str,
     return f"{line}, nonfinite={batch.nonfinite}" if batch.nonfinite else line
 
 
-def summary_line(summary: ScoreSummary, digits: int = 3) -> str:
-    """``[Summary] score: count=8 nonfinite=1 mean=7.125 min=5.000 max=9.100 std=1.234``."""
+def summary_line(summary: ScoreSummary, digits: int = 3, title: str | None = None) -> str:
+    """``[Summary] score: count=8 nonfinite=1 mean=7.125 min=5.000 max=9.100 std=1.234``.
+
+    ``title`` (a file or data set name) goes in parentheses after the name.
+    """
     values = (
         ("mean", summary.mean),
         ("min", summary.minimum),
@@ -118,7 +121,8 @@ def summary_line(summary: ScoreSummary, digits: int = 3) -> str:
         ("std", summary.std),
     )
     stats = " ".join(f"{key}={_number(value, digits)}" for key, value in values)
-    return f"[Summary] {summary.name}: count={summary.count} nonfinite={summary.nonfinite} {stats}"
+    name = summary.name if not title else f"{summary.name} ({one_line(title, 60)})"
+    return f"[Summary] {name}: count={summary.count} nonfinite={summary.nonfinite} {stats}"
 
 
 def json_score(score: float) -> float | str:

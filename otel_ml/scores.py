@@ -199,7 +199,8 @@ class Scores:
     """One scoring job's scores: terminal lines, series and a per-rank file (see module docstring).
 
     ``name`` is the ``metric`` label of its series and the ``avg_<name>`` of its batch lines;
-    ``total`` (samples expected) and ``desc``/``unit`` go to its bar (``bar=False``: none);
+    ``total`` (samples expected), ``desc``, ``unit`` and ``leave`` go to its bar (``bar=False``:
+    none), ``desc`` also to the summary line when it differs from ``name``;
     ``show`` overrides ``score_print``; ``width`` cuts texts on the terminal; ``digits`` is the
     precision of printed numbers; ``file=False`` writes no file. ``telemetry`` and ``stream``
     (default: the running instance, ``sys.stdout``) are injectable.
@@ -218,6 +219,7 @@ class Scores:
         total: int | None = None,
         desc: str | None = None,
         unit: str = "sample",
+        leave: bool = True,
         show: str | None = None,
         width: int = 60,
         digits: int = 3,
@@ -255,7 +257,8 @@ class Scores:
             path = rank_dir(telemetry.run_dir, telemetry.rank) / SCORES_FILE
             self._writer = _open_writer(path, config.file_max_bytes, config.file_backups, telemetry.health)
         self.path = self._writer.path if self._writer is not None else None
-        self._bar = tqdm(total=total, desc=desc or name, unit=unit) if bar else None
+        self._title = desc if desc and desc != name else None
+        self._bar = tqdm(total=total, desc=desc or name, unit=unit, leave=leave) if bar else None
         atexit.register(self.close)
 
     def __enter__(self) -> Scores:
@@ -346,7 +349,7 @@ class Scores:
         self._closed = True
         atexit.unregister(self.close)
         if self.show != "off":
-            self._print([summary_line(self.summary, self._digits)])
+            self._print([summary_line(self.summary, self._digits, self._title)])
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:

@@ -25,7 +25,8 @@ from tests.support.metrics import strict_exposition
 SAMPLE = re.compile(r"^\[Sample (\d+)\](?: id=(\S+))? Score: (\S+)(?: \| Response: (.*))?$")
 BATCH = re.compile(r"^\[Batch (\d+)\] samples (\d+)-(\d+) done, avg_(\w+)=(\S+)(?:, nonfinite=(\d+))?$")
 SUMMARY = re.compile(
-    r"^\[Summary\] (\w+): count=(\d+) nonfinite=(\d+) mean=(\S+) min=(\S+) max=(\S+) std=(\S+)$"
+    r"^\[Summary\] (?P<name>\w+)(?: \((?P<title>.*)\))?: count=(?P<count>\d+) nonfinite=(?P<nonfinite>\d+) "
+    r"mean=(?P<mean>\S+) min=(?P<min>\S+) max=(?P<max>\S+) std=(?P<std>\S+)$"
 )
 
 
@@ -110,7 +111,8 @@ def test_terminal_lines_file_and_series_agree_on_count_mean_min_max(telemetry):
     samples = _scrape(telemetry)
     lines = _lines(out)
     (summary,) = lines["summary"]
-    count, nonfinite, mean, low, high = int(summary[2]), int(summary[3]), *map(float, summary.groups()[3:6])
+    count, nonfinite = int(summary["count"]), int(summary["nonfinite"])
+    mean, low, high = (float(summary[key]) for key in ("mean", "min", "max"))
     records = _records(scorer.path)
     finite = _finite(records)
 
@@ -186,7 +188,7 @@ def test_nan_and_inf_scores_are_counted_excluded_printed_and_written(telemetry):
     found = _lines(out)
     assert [m[3] for m in found["sample"]] == ["nan", "inf", "-inf", "2.000", "nan"]
     assert found["batch"][0][5] == "n/a" and found["batch"][0][6] == "3"
-    assert found["summary"][0].groups()[1:] == ("1", "4", "2.000", "2.000", "2.000", "0.000")
+    assert found["summary"][0].groups()[2:] == ("1", "4", "2.000", "2.000", "2.000", "0.000")
     assert [r["score"] for r in _records(scorer.path)] == ["NaN", "Infinity", "-Infinity", 2.0, "NaN"]
     samples = _scrape(telemetry)
     assert _one(samples, "otel_ml_nonfinite_total", **labels) == 4
@@ -266,6 +268,15 @@ def test_the_bar_exports_samples_done_as_progress(telemetry):
         assert _one(samples, "otel_ml_progress_completed", task="eval") == 3
         assert _one(samples, "otel_ml_progress_total", task="eval") == 10
     assert _one(_scrape(telemetry), "otel_ml_progress_active", task="eval") == 0
+    out = io.StringIO()
+    otel_ml.scores(desc="part-007.tokens", telemetry=telemetry, stream=out, bar=False).close()
+    (summary,) = _lines(out)["summary"]
+    assert (summary["name"], summary["title"], summary["count"], summary["mean"]) == (
+        "score",
+        "part-007.tokens",
+        "0",
+        "n/a",
+    )
 
 
 def test_two_open_scorers_share_the_rank_file_with_whole_lines(telemetry):

@@ -5,10 +5,10 @@ The launcher starts ``--ranks`` worker processes with the variables torchrun wou
 Each worker trains a small transformer language model on generated sequences with DDP, times
 data/forward/backward/optimizer with ``otel_ml.span`` and every module with ``trace_modules``, and
 calls ``otel_ml.log()`` every step; then each rank scores its share of ``--files`` generated
-files with nested ``otel_ml.tqdm`` bars (files, rows per file). Rank 0 shows its bar, every
-rank's line, the live timing table, and its timing summary at the end; the launcher then prints
-where everything went. The worker
-also runs under torchrun directly::
+files with ``otel_ml.scores`` (a score per row, batch lines and a summary per file on the rank's
+terminal, ``scores.jsonl`` in its run dir) under nested bars (files, rows per file). Rank 0 shows
+its bar, every rank's line, the live timing table, and its timing summary at the end; the launcher
+then prints where everything went. The worker also runs under torchrun directly::
 
     torchrun --nproc-per-node 2 -m otel_ml.cli.demo --worker
 
@@ -36,6 +36,8 @@ from otel_ml.rundir import ENDPOINT_FILE, rank_dir
 
 VOCAB, SEQ, BATCH, DIM = 64, 32, 16, 64
 REWARD_BUCKETS = tuple(i / 10 for i in range(11))
+#: Rows scored per batch in the inference part, and the bounds of their scores (0 to 10).
+SCORE_ROWS, SCORE_BUCKETS = 64, tuple(float(i) for i in range(11))
 
 
 def _free_port() -> int:
@@ -69,7 +71,9 @@ def worker(args: argparse.Namespace) -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     # "reward" is a distribution (one value per sequence, in [0, 1]): buckets of 0.1 for its heatmap.
-    telemetry = otel_ml.init(service_name="otel-ml-demo", distribution_buckets={"reward": REWARD_BUCKETS})
+    telemetry = otel_ml.init(
+        service_name="otel-ml-demo", distribution_buckets={"reward": REWARD_BUCKETS, "score": SCORE_BUCKETS}
+    )
     torch.manual_seed(0)
 
     class TinyLM(nn.Module):
@@ -154,19 +158,26 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def _inference(model: Any, rank: int, world: int, files: int, torch: Any) -> None:
-    """Score this rank's share of ``files`` generated files, row batches at a time, with nested bars."""
+    """Score this rank's share of ``files`` generated files with ``otel_ml.scores``: a score per row
+    (10 x the share of its next tokens predicted right), ``SCORE_ROWS`` rows a batch, one scorer per
+    file (its bar nested under the files bar, its batch lines and summary on the rank's terminal,
+    every row in the rank's scores.jsonl, the scores in ``otel_ml_distribution{metric="score"}``)."""
     model.eval()
     mine = [f"part-{i:03d}.tokens" for i in range(files) if i % world == rank]
     with torch.no_grad():
         for index, name in enumerate(otel_ml.tqdm(mine, desc="inference", unit="file")):
             rows = 256 + 128 * (index % 3)
             generator = torch.Generator().manual_seed(hash((rank, name)) % 2**31)
-            with otel_ml.tqdm(total=rows, desc=name, unit="row", leave=False) as file_bar:
-                for _ in range(0, rows, BATCH):
+            with otel_ml.scores("score", total=rows, desc=name, unit="row", leave=False) as scorer:
+                for first in range(0, rows, SCORE_ROWS):
                     with otel_ml.span("inference/batch"):
-                        inputs, _ = _batch(generator, torch)
-                        model(inputs)
-                    file_bar.update(BATCH)
+                        parts = [_batch(generator, torch) for _ in range(SCORE_ROWS // BATCH)]
+                        targets = torch.cat([t for _, t in parts])
+                        predicted = model(torch.cat([x for x, _ in parts])).argmax(-1)
+                    scores = (predicted == targets).double().mean(-1) * 10
+                    texts = [" ".join(map(str, row[:16])) for row in predicted.tolist()]
+                    ids = [f"{name}:{first + i}" for i in range(len(texts))]
+                    scorer.add(scores, ids=ids, texts=texts)
     model.train()
 
 
