@@ -401,3 +401,22 @@ def test_the_setup_before_the_first_step_is_shown_apart_in_the_outside_row(clock
         "67.3%  52.7% in the first step, which counts from init()"
     )
     assert summary_document(rows, {}, rest)["outside_regions"]["first_step_ms"] == pytest.approx(29.0)
+
+
+def test_live_table_says_so_when_a_region_from_an_earlier_refresh_makes_the_rows_overlap(table):
+    clock, recorder, stream, make = table
+    agg = make(every=1)
+    with otel_ml.span("load"):  # 3 ms in step 0, 4 ms in step 1: counted where it ends
+        clock.advance(3)
+        recorder.step_end(0)
+        clock.advance(4)
+    clock.advance(1)
+    recorder.step_end(1)
+    agg.process()
+    first, second = _refreshes(stream)
+    assert first == {OUTSIDE: (3.0, "ms/step", 100.0, None)}
+    assert second == {"load": (7.0, "ms/step", 140.0, None), OUTSIDE: (0.0, "ms/step", 0.0, None)}
+    title = stream.getvalue().splitlines()[1]
+    assert title.startswith(
+        "otel_ml timing: last 1 steps (to step 1), 5.00 ms/step; top-level regions cover 140%"
+    )

@@ -251,6 +251,6 @@ class TimingTable:
         if self._first:
             title += "; the first step counts from init()"
         if covered > OVERLAP_PCT:
-            title += f"; top-level regions overlap, covering {covered:.0f}% of it"
+            title += f"; top-level regions cover {covered:.0f}% of it (several threads, or begun earlier)"
         self._console.show(render_table(shares, title), render_line(shares, title), section="timing")
         self._last, self._steps, self._elapsed, self._first = totals, 0, 0.0, False
