@@ -196,7 +196,10 @@ class Telemetry:
         self.health.register(meter, self.attributes)
         progress_board.configure(rank=self.rank, max_tasks=cfg.max_progress_tasks)
         self.progress_gauges = ProgressGauges(meter, self.attributes, progress_board)
-        self.payload = ProgressPayload(progress_board, self.rank, self.run_id, training)
+        regions = timekeeper.aggregator
+        self.payload = ProgressPayload(
+            progress_board, self.rank, self.run_id, training, anomalies=anomalies, regions=regions
+        )
         security = server_security(cfg) if prom_reader is not None else None
         if prom_reader is not None and security is not None:
             self.server = MetricsServer(

@@ -170,3 +170,128 @@ def test_progress_endpoint_serves_the_open_bars(board, tmp_path):
         bar.close()
     finally:
         t.shutdown()
+
+
+# ---------------------------------------------------------------- the /progress document
+
+
+def _monitor(clock: FakeClock):
+    from otel_ml.anomaly import AnomalyMonitor
+    from otel_ml.anomaly_config import AnomalyConfig
+
+    return AnomalyMonitor(AnomalyConfig(), rank=2, run_id="p", clock=clock)
+
+
+def _episodes(monitor, clock: FakeClock, spans: list[tuple[int, int]]) -> None:
+    """NaN loss on the steps of each ``(first, last)`` span, a finite one after each."""
+    for first, last in spans:
+        for step in range(first, last + 1):
+            monitor.observations.append((step, "loss", float("nan")))
+        monitor.observations.append((last + 1, "loss", 0.5))
+        clock.advance(1)
+        monitor.process()
+
+
+def test_payload_carries_active_episodes_and_the_newest_ended_ones(board):
+    from otel_ml.progress.payload import MAX_ENDED, ProgressPayload, status_from_payload
+
+    clock = FakeClock(1000.0)
+    monitor = _monitor(clock)
+    _episodes(monitor, clock, [(10 * i, 10 * i + 2) for i in range(1, 9)])  # 8 ended episodes
+    monitor.observations.append((300, "loss", float("inf")))
+    monitor.process()
+    document = ProgressPayload(board, 2, "p", anomalies=monitor).document()
+    rows = json.loads(json.dumps(document))["anomalies"]
+    assert [(r["first_step"], r["active"]) for r in rows] == [
+        *((10 * i, False) for i in range(9 - MAX_ENDED, 9)),
+        (300, True),
+    ]
+    assert rows[0]["last_step"] == 10 * (9 - MAX_ENDED) + 2 and rows[0]["count"] == 3
+    status = status_from_payload(document)
+    (active,) = status.active_anomalies()
+    assert (active.type, active.key, active.first_step) == ("nonfinite", "loss", 300)
+    assert active.text() == "NaN/Inf loss since step 300"
+
+
+def test_payload_messages_are_cut_and_a_document_without_sources_has_no_anomalies(board):
+    from otel_ml.progress.payload import MAX_MESSAGE, ProgressPayload, bounded_episodes
+
+    long = [{"type": "stall", "active": True, "message": "x" * 10_000}]
+    assert len(bounded_episodes(long)[0]["message"]) == MAX_MESSAGE
+    document = ProgressPayload(board, 0, "p").document()
+    assert document["anomalies"] == [] and document["timing"] is None
+
+
+class _Regions:
+    """The aggregator's totals as the payload reads them (steps, step time, self time per path)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.step_time = 0.0
+        self.totals: dict[str, float] = {}
+
+    def self_totals(self) -> dict[str, float]:
+        return dict(self.totals)
+
+    def run(self, steps: int, per_step: dict[str, float]) -> None:
+        self.steps += steps
+        for path, seconds in per_step.items():
+            self.totals[path] = self.totals.get(path, 0.0) + steps * seconds
+            self.step_time += steps * seconds
+
+
+def test_payload_timing_is_per_top_level_region_over_the_recent_window(board):
+    from otel_ml.progress.payload import ProgressPayload, status_from_payload
+    from otel_ml.progress.render import OUTSIDE
+
+    clock, regions = FakeClock(0.0), _Regions()
+    payload = ProgressPayload(board, 1, "p", regions=regions, clock=clock, window=20.0)
+    regions.run(10, {"warmup": 5.0})  # compilation-like first steps
+    assert payload.document()["timing"]["steps"] == 10  # nothing older: everything so far
+    for _ in range(6):  # 30 s of steady steps: forward 20 ms (of which a module 5 ms), backward 30
+        clock.advance(5)
+        regions.run(100, {"forward": 0.015, "forward/layers.0": 0.005, "backward": 0.030})
+        document = payload.document()
+    timing = document["timing"]
+    assert timing["window_s"] == pytest.approx(20.0)
+    assert timing["steps"] == 400 and timing["regions_s"]["warmup"] == 0.0  # the warm-up is out
+    status = status_from_payload(json.loads(json.dumps(document)))
+    assert status.step_ms == pytest.approx(50.0)
+    assert status.region_ms["forward"] == pytest.approx(20.0)
+    assert status.region_ms["backward"] == pytest.approx(30.0)
+    assert status.region_ms[OUTSIDE] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_an_older_document_without_anomalies_or_timing_still_reads(board):
+    from otel_ml.progress.payload import status_from_payload
+
+    status = status_from_payload({"rank": 3, "bars": [], "step": 4, "loss": 0.5})
+    assert (status.rank, status.anomalies, status.step_ms, status.region_ms) == (3, [], None, {})
+    bad = status_from_payload({"rank": 3, "anomalies": ["junk"], "timing": {"steps": "x"}})
+    assert bad.anomalies == [] and bad.region_ms == {}
+
+
+def test_progress_endpoint_names_a_rank_s_anomaly_with_its_first_step(board, tmp_path):
+    import urllib.request
+
+    t = otel_ml.init(
+        prometheus_port=0, run_dir=str(tmp_path), run_id="a", set_global_providers=False, summary=False
+    )
+    try:
+        for step in range(5):
+            with otel_ml.span("forward"):
+                pass
+            otel_ml.log(step, loss=0.5 if step < 3 else float("nan"))
+        url = t.metrics_url.replace("/metrics", "/progress")
+        urllib.request.urlopen(t.metrics_url, timeout=5).read()  # a collection runs the detectors
+        payload = json.loads(urllib.request.urlopen(url, timeout=5).read())
+        (episode,) = payload["anomalies"]
+        assert (episode["type"], episode["key"], episode["first_step"], episode["active"]) == (
+            "nonfinite",
+            "loss",
+            3,
+            True,
+        )
+        assert payload["timing"]["steps"] >= 3 and "forward" in payload["timing"]["regions_s"]
+    finally:
+        t.shutdown()

@@ -7,10 +7,26 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
+
 import otel_ml
 from otel_ml.cli.top import from_exposition, from_targets, render_frame, slowest_rank
 from otel_ml.progress.board import BarSnapshot
-from otel_ml.progress.render import RankStatus, bar, compact_line, global_line, render_lines
+from otel_ml.progress.render import (
+    OUTSIDE,
+    Flag,
+    RankStatus,
+    Slowest,
+    anomaly_summary,
+    bar,
+    compact_line,
+    episode_changes,
+    global_line,
+    region_times,
+    render_lines,
+    slowest,
+    top_level_totals,
+)
 
 TRAIN = "train"
 
@@ -29,7 +45,7 @@ def test_bar_uses_eighths_and_fills_the_width():
 def test_one_line_per_rank_and_a_global_line_with_the_slowest_eta():
     lines = render_lines([_rank(1, 24, 2.0), _rank(0, 26, 1.3), RankStatus(2, up=False, error="refused")])
     assert lines[0] == "[rank 0] train  87% ████████▋░ 26/30 step [3 step/s, ETA 00:01]"
-    assert lines[1] == "[rank 1] train  80% ████████░░ 24/30 step [3 step/s, ETA 00:02]"
+    assert lines[1] == "[rank 1] train  80% ████████░░ 24/30 step [3 step/s, ETA 00:02]  ◀ slowest"
     assert lines[2] == "[rank 2] down: refused"
     assert lines[3] == "[all 2/3] train  83% ████████▎░ 50/60 step [6 step/s, ETA 00:02 (slowest: rank 1)]"
 
@@ -142,3 +158,173 @@ def test_rank_view_polls_a_bounded_rotating_subset(tmp_path):
     view.poll()
     assert fetched[16:] == list(range(17, 33))
     assert sum(s.up for s in view.poll()) == 49  # all known after three cycles, plus the local rank
+
+
+# ---------------------------------------------------------------- anomalies and the slowest rank
+
+
+def _timed(rank, forward, backward, outside=5.0, **kw):
+    status = _rank(rank, 15, 5.0)
+    status.region_ms = {"forward": forward, "backward": backward, OUTSIDE: outside}
+    status.step_ms = forward + backward + outside
+    for name, value in kw.items():
+        setattr(status, name, value)
+    return status
+
+
+NAN_LOSS = Flag("nonfinite", "loss", first_step=300, last_step=310, count=11)
+
+
+def test_a_rank_s_anomaly_shows_on_its_line_and_the_global_line_counts_the_ranks():
+    statuses = [_rank(0, 15, 5.0), _rank(1, 15, 5.0), _rank(2, 15, 5.0), _rank(3, 15, 5.0)]
+    statuses[2].anomalies = [NAN_LOSS, Flag("loss_spike", "loss", 20, 21, 2, active=False)]
+    lines = render_lines(statuses)
+    assert (
+        lines[2]
+        == "[rank 2] train  50% █████░░░░░ 15/30 step [3 step/s, ETA 00:05]  ⚠ NaN/Inf loss since step 300"
+    )
+    assert "⚠" not in lines[0] + lines[1] + lines[3]  # the ended spike is not flagged
+    assert lines[-1].endswith("] | 1 rank with anomalies: 2 (nonfinite)")
+    statuses[0].anomalies = [Flag("stall", "step", None, None, 3)]
+    assert lines != render_lines(statuses)
+    assert render_lines(statuses)[-1].endswith(" | 2 ranks with anomalies: 0 (stall), 2 (nonfinite)")
+    assert "0 train 50% 15/30 ETA 00:05 ⚠ stalled (no step) |" in compact_line(statuses)
+
+
+def test_anomaly_texts_say_what_and_since_when():
+    assert Flag("nonfinite", "grad_norm", 7).text() == "NaN/Inf grad_norm since step 7"
+    assert Flag("loss_plateau", "loss", 900).text() == "loss plateau since step 900"
+    assert Flag("grad_explosion", "grad_norm", 5).text() == "grad explosion since step 5"
+    assert Flag("kl_spike", "kl").text() == "kl spike"  # from /metrics: no step known
+    assert (
+        Flag.from_dict({"type": "nonfinite", "key": "loss", "first_step": 3, "active": False}).active is False
+    )
+
+
+def test_many_ranks_with_anomalies_are_counted_and_the_first_ones_named():
+    statuses = [_rank(r, 15, 5.0) for r in range(12)]
+    for status in statuses[1:]:
+        status.anomalies = [NAN_LOSS]
+    summary = anomaly_summary(statuses)
+    assert (
+        summary
+        == "11 ranks with anomalies: " + ", ".join(f"{r} (nonfinite)" for r in range(1, 9)) + ", +3 more"
+    )
+
+
+def test_the_straggler_is_the_rank_whose_region_exceeds_the_median_not_the_ranks_waiting_for_it():
+    # rank 1's forward is 20 ms slower; the others wait that long in backward's all-reduce
+    statuses = [_timed(0, 7.0, 34.0), _timed(1, 27.0, 14.0), _timed(2, 7.4, 33.6), _timed(3, 7.0, 34.0)]
+    assert slowest(statuses) == Slowest(1, "forward +19.8 ms/step")
+    lines = render_lines(statuses)
+    assert lines[1].endswith("  ◀ slowest: forward +19.8 ms/step")
+    assert lines[-1].endswith("ETA 00:05 (slowest: rank 1, forward +19.8 ms/step)]")
+    assert slowest_rank(statuses) == 1
+
+
+def test_small_region_differences_fall_back_to_the_longest_eta():
+    statuses = [_timed(0, 7.0, 34.0), _timed(1, 9.0, 32.0), _timed(2, 7.5, 33.5)]  # 2 ms of 46
+    statuses[2].bars[0].eta = 9.0
+    assert slowest(statuses) == Slowest(2)
+    two = [_timed(0, 7.0, 34.0), _timed(1, 27.0, 14.0)]  # two ranks cannot tell who waits
+    two[0].bars[0].eta = 6.0
+    assert slowest(two) == Slowest(0)
+    assert render_lines(two)[-1].endswith("(slowest: rank 0)]")
+
+
+def test_the_time_outside_regions_counts_as_a_region():
+    assert region_times({"forward": 0.2, "backward": 0.3}, 10, 0.6) == (
+        pytest.approx(60.0),
+        {"forward": pytest.approx(20.0), "backward": pytest.approx(30.0), OUTSIDE: pytest.approx(10.0)},
+    )
+    assert region_times({}, 0, 0.0) == (None, {})
+    assert top_level_totals({"forward": 1.0, "forward/layers.0": 0.5, "data": 0.25}) == {
+        "forward": 1.5,
+        "data": 0.25,
+    }
+
+
+def test_ranks_with_anomalies_are_shown_before_ranks_on_time():
+    from otel_ml.progress.render import slowest_first
+
+    statuses = [_rank(r, 20, float(r)) for r in range(10)]
+    statuses[0].anomalies = [NAN_LOSS]
+    assert [s.rank for s in slowest_first(statuses, 3)] == [0, 9, 8]
+
+
+def test_episode_changes_log_each_start_and_end_once():
+    seen: dict = {}
+    status = _rank(2, 15, 5.0)
+    status.anomalies = [Flag("nonfinite", "loss", 300, 300, 1, start_time=100.0)]
+    assert episode_changes(seen, [status]) == [
+        "otel_ml: rank 2 anomaly: NaN/Inf loss since step 300 (nonfinite)"
+    ]
+    status.anomalies = [Flag("nonfinite", "loss", 300, 350, 51, start_time=100.0)]
+    assert episode_changes(seen, [status]) == []  # still going: nothing new
+    status.anomalies = [Flag("nonfinite", "loss", 300, 420, 121, active=False, start_time=100.0)]
+    assert episode_changes(seen, [status]) == [
+        "otel_ml: rank 2 anomaly ended: nonfinite on loss, steps 300-420, 121 value(s)"
+    ]
+    assert episode_changes(seen, [status]) == []
+    # started and ended between two polls: both lines; a down rank keeps what was seen
+    status.anomalies.append(Flag("loss_spike", "loss", 500, 501, 2, active=False, start_time=200.0))
+    assert episode_changes(seen, [RankStatus(2, up=False)]) == []
+    assert episode_changes(seen, [status]) == [
+        "otel_ml: rank 2 anomaly: loss spike since step 500 (loss_spike)",
+        "otel_ml: rank 2 anomaly ended: loss_spike on loss, steps 500-501, 2 value(s)",
+    ]
+
+
+def _view(tmp_path, tty: bool, document: dict):
+    from otel_ml.console import Console
+    from otel_ml.progress.poller import RankView
+
+    out = io.StringIO()
+    return RankView(tmp_path, 1, local=lambda: document, console=Console(out, tty=tty)), out
+
+
+def test_off_a_terminal_the_view_writes_one_line_when_an_anomaly_starts_and_one_when_it_ends(tmp_path):
+    episode = {"type": "nonfinite", "key": "loss", "first_step": 3, "last_step": 3, "count": 1}
+    document = {"rank": 0, "bars": [], "anomalies": [{**episode, "start_time": 5.0, "active": True}]}
+    view, out = _view(tmp_path, False, document)
+    for _ in range(3):
+        view.log_changes(view.poll())
+    assert out.getvalue() == "otel_ml: rank 0 anomaly: NaN/Inf loss since step 3 (nonfinite)\n"
+    document["anomalies"] = [
+        {**episode, "last_step": 9, "count": 7, "start_time": 5.0, "end_time": 8.0, "active": False}
+    ]
+    view.log_changes(view.poll())
+    view.log_changes(view.poll())
+    assert out.getvalue().splitlines()[1:] == [
+        "otel_ml: rank 0 anomaly ended: nonfinite on loss, steps 3-9, 7 value(s)"
+    ]
+    terminal, screen = _view(tmp_path, True, document)
+    terminal.log_changes(terminal.poll())
+    assert screen.getvalue() == ""  # a terminal shows it on the redrawn rank line instead
+
+
+def test_top_flags_a_rank_s_anomaly_read_from_its_metrics(tmp_path):
+    t = otel_ml.init(
+        prometheus_port=0,
+        run_dir=str(tmp_path),
+        run_id="topa",
+        rank=2,
+        set_global_providers=False,
+        summary=False,
+    )
+    try:
+        bar_ = otel_ml.tqdm(total=40, desc=TRAIN, unit="step", file=io.StringIO(), mininterval=0)
+        for step in range(4):
+            with otel_ml.span("forward"):
+                bar_.update(1)
+            otel_ml.log(step, loss=float("nan") if step >= 2 else 0.5)
+        urllib.request.urlopen(t.metrics_url, timeout=5).read()  # the detectors run at collection
+        (status,) = from_exposition(urllib.request.urlopen(t.metrics_url, timeout=5).read().decode()).values()
+        assert [f.type for f in status.active_anomalies()] == ["nonfinite"]
+        assert "forward" in status.region_ms and status.step_ms is not None
+        frame = render_frame([status], "title")
+        assert frame[2].endswith("⚠ NaN/Inf values") and "anomalies: nonfinite" in frame[3]
+        assert frame[-1].endswith(" | 1 rank with anomalies: 2 (nonfinite)")
+        bar_.close()
+    finally:
+        t.shutdown()

@@ -3,7 +3,9 @@
 Sources: ``--prometheus URL [--run RUN_ID]`` asks Prometheus' HTTP API (the newest run when no
 run is given); ``--targets host:port,...`` scrapes the ranks' ``/metrics`` directly. Each frame
 shows one line per rank (progress bar, rate, ETA) with its loss, throughput, GPU memory and
-active anomalies, marks the slowest rank, and ends with the global line. Unreachable targets are
+active anomalies (flagged on the rank's line, counted on the global line), marks the slowest
+rank (the straggler by region time when three or more ranks report it, else the longest ETA:
+:func:`otel_ml.progress.render.slowest`), and ends with the global line. Unreachable targets are
 shown as down. ``q`` quits; ``--once`` prints one frame (for scripts).
 
 Example::
@@ -29,7 +31,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from otel_ml import semconv
 from otel_ml.progress.board import BarSnapshot
-from otel_ml.progress.render import RankStatus, global_line, number, rank_lines
+from otel_ml.progress.render import (
+    Flag,
+    RankStatus,
+    global_line,
+    number,
+    rank_lines,
+    region_times,
+    slowest,
+    top_level_totals,
+)
 
 #: Exposed sample name -> BarSnapshot field.
 _PROGRESS = {
@@ -50,12 +61,16 @@ _GPU_ALLOCATED = semconv.GPU_MEMORY_ALLOCATED.prometheus_name
 _GPU_RESERVED = semconv.GPU_MEMORY_RESERVED.prometheus_name
 _ANOMALY_ACTIVE = semconv.ANOMALY_ACTIVE.prometheus_name
 _LAST_STEP_TIME = semconv.LAST_STEP_TIMESTAMP.prometheus_name
+_SPAN_SELF = semconv.SPAN_SELF.prometheus_name
+_STEPS = semconv.STEP_DURATION.name + "_count"
+_STEP_TIME = semconv.STEP_DURATION.name + "_sum"
 
 
 def _statuses(samples: Iterator[tuple[str, dict[str, str], float]]) -> dict[int, RankStatus]:
     """Group (name, labels, value) samples by rank into statuses."""
     statuses: dict[int, RankStatus] = {}
     bars: dict[tuple[int, str, str, str], dict[str, float]] = {}
+    timing: dict[int, tuple[dict[str, float], dict[str, float]]] = {}  # rank -> (paths, step count/sum)
     for name, labels, value in samples:
         try:
             rank = int(labels.get(semconv.LABEL_RANK, ""))
@@ -73,7 +88,19 @@ def _statuses(samples: Iterator[tuple[str, dict[str, str], float]]) -> dict[int,
         elif name == _GPU_RESERVED:
             status.gpu_reserved_bytes = (status.gpu_reserved_bytes or 0) + value
         elif name == _ANOMALY_ACTIVE and value >= 1:
-            status.anomalies.append(labels.get(semconv.LABEL_TYPE, "?"))
+            status.anomalies.append(Flag(labels.get(semconv.LABEL_TYPE, "?")))
+        elif name == _SPAN_SELF:
+            paths = timing.setdefault(rank, ({}, {}))[0]
+            path = labels.get(semconv.LABEL_PATH, "")
+            paths[path] = paths.get(path, 0.0) + value
+        elif name in (_STEPS, _STEP_TIME):
+            steps = timing.setdefault(rank, ({}, {}))[1]
+            steps[name] = steps.get(name, 0.0) + value
+    for rank, (paths, steps) in timing.items():
+        step_ms, region_ms = region_times(
+            top_level_totals(paths), int(steps.get(_STEPS, 0)), steps.get(_STEP_TIME, 0.0)
+        )
+        statuses[rank].step_ms, statuses[rank].region_ms = step_ms, region_ms if paths else {}
     for (rank, task, unit, parent), fields in bars.items():
         statuses[rank].bars.append(
             BarSnapshot(
@@ -130,7 +157,7 @@ def latest_run(base: str, timeout: float = 5.0) -> str | None:
 def from_prometheus(base: str, run: str, timeout: float = 5.0) -> list[RankStatus]:
     """Statuses of ``run`` from Prometheus; ranks whose target is down come from ``up``."""
     selector = f'{semconv.LABEL_RUN_ID}="{run}"'
-    names = "|".join([*_PROGRESS, *_SCALARS, _GPU_ALLOCATED, _GPU_RESERVED])
+    names = "|".join([*_PROGRESS, *_SCALARS, _GPU_ALLOCATED, _GPU_RESERVED, _SPAN_SELF, _STEPS, _STEP_TIME])
 
     def samples() -> Iterator[tuple[str, dict[str, str], float]]:
         for row in _query(base, f'{{__name__=~"{names}",{selector}}}', timeout):
@@ -165,29 +192,23 @@ def _details(status: RankStatus) -> str:
         parts.append(
             f"GPU {status.gpu_memory_bytes / 2**30:.1f}/{(status.gpu_reserved_bytes or 0) / 2**30:.1f} GiB"
         )
-    parts.append("anomalies: " + (",".join(sorted(set(status.anomalies))) if status.anomalies else "-"))
+    active = sorted({flag.type for flag in status.active_anomalies()})
+    parts.append("anomalies: " + (",".join(active) if active else "-"))
     return "  ".join(parts)
 
 
 def slowest_rank(statuses: list[RankStatus]) -> int | None:
-    """The rank with the longest ETA on its main bar (else the lowest rate)."""
-    candidates = [(s, s.main_bar()) for s in statuses if s.up]
-    timed = [(b.eta, s.rank) for s, b in candidates if b is not None and b.eta is not None]
-    if timed:
-        return max(timed)[1]
-    rated = [(b.rate, s.rank) for s, b in candidates if b is not None and b.rate]
-    return min(rated)[1] if len(rated) > 1 else None
+    """The slowest rank (:func:`otel_ml.progress.render.slowest`), or None."""
+    slow = slowest(statuses)
+    return None if slow is None else slow.rank
 
 
 def render_frame(statuses: list[RankStatus], title: str, width: int = 20) -> list[str]:
     up = sum(s.up for s in statuses)
     lines = [f"{title}  |  {up}/{len(statuses)} ranks up  |  {time.strftime('%H:%M:%S')}", ""]
-    slow = slowest_rank(statuses) if up > 1 else None
+    slow = slowest(statuses) if up > 1 else None
     for status in statuses:
-        block = rank_lines(status, width)
-        if status.rank == slow:
-            block[0] += "  ◀ slowest"
-        lines.extend(block)
+        lines.extend(rank_lines(status, width, slow))
         if status.up:
             lines.append(" " * 9 + _details(status))
     total = global_line(statuses, width)

@@ -1,15 +1,20 @@
 """Rank 0's multi-rank terminal view: every rank's progress, read from the ranks' own telemetry.
 
 Each rank serves ``/progress`` (:mod:`otel_ml.progress.payload`: a small JSON snapshot of its
-open bars, step and loss) beside ``/metrics`` on the same server; rank 0 finds the others through
-the endpoint files in the run dir (:func:`otel_ml.rundir.read_endpoints`) and polls them from a
-background thread, about once a second, with short timeouts. No collective, no store, nothing
-on the training thread. A rank whose endpoint is not reachable
-(another node with ``/metrics`` bound to localhost, a dead process) shows as down.
+open bars, step, loss, anomaly episodes and region timing) beside ``/metrics`` on the same
+server; rank 0 finds the others through the endpoint files in the run dir
+(:func:`otel_ml.rundir.read_endpoints`) and polls them from a background thread, about once a
+second, with short timeouts. No collective, no store, nothing on the training thread. A rank
+whose endpoint is not reachable (another node with ``/metrics`` bound to localhost, a dead
+process) shows as down.
 
 On a terminal the view is redrawn in place under the timing table; otherwise one compact line
-is written every ``log_interval`` seconds. Large jobs stay cheap: at most 16 ranks are polled per
-second (in rotation) and the view shows the 16 slowest ranks plus the global line.
+is written every ``log_interval`` seconds, plus one line when a rank's anomaly episode starts and
+one when it ends (:func:`otel_ml.progress.render.episode_changes`). Each rank's line shows its
+active anomalies and the global line counts the ranks that have one and names the slowest rank.
+
+Large jobs stay cheap: at most 16 ranks are polled per second (in rotation) and the view shows
+16 ranks (down ones first, then those with anomalies, then the longest ETAs) plus the global line.
 
 Example::
 
@@ -27,7 +32,13 @@ from typing import Any
 
 from otel_ml.console import Console
 from otel_ml.progress.payload import fetch_progress, progress_url, status_from_payload
-from otel_ml.progress.render import RankStatus, compact_line, render_lines, slowest_first
+from otel_ml.progress.render import (
+    RankStatus,
+    compact_line,
+    episode_changes,
+    render_lines,
+    slowest_first,
+)
 from otel_ml.rundir import read_endpoints
 from otel_ml.threads import name_native
 
@@ -66,6 +77,7 @@ class RankView:
         self._known: dict[int, RankStatus] = {}
         self._endpoints: dict[int, dict[str, Any]] = {}
         self._scanned = 0.0
+        self._episodes: dict[int, dict[tuple[str, float | None], bool]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="otel-ml-rankview", daemon=True)
 
@@ -113,12 +125,21 @@ class RankView:
             render_lines(shown, total=statuses), compact_line(shown, total=statuses), section="ranks"
         )
 
+    def log_changes(self, statuses: list[RankStatus]) -> None:
+        """Off a terminal, one line per anomaly episode that started or ended since the last poll
+        (on a terminal the redrawn view shows them)."""
+        changes = episode_changes(self._episodes, statuses)
+        if not self._console.tty:
+            for line in changes:
+                self._console.write(line)
+
     def _run(self) -> None:
         name_native("otel-ml-rankview")
         last_line = 0.0
         while not self._stop.wait(self._interval):
             try:
                 statuses = self.poll()
+                self.log_changes(statuses)
                 if not any(s.bars for s in statuses):
                     continue
                 if self._console.tty or time.monotonic() - last_line >= self._log_interval:
