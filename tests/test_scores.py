@@ -72,6 +72,11 @@ def _lines(stream: io.StringIO) -> dict[str, list[re.Match]]:
     return found
 
 
+def _shown(value: float) -> str:
+    """A number as the lines print it (``digits=3``)."""
+    return f"{value:.3f}"
+
+
 def _records(path: Path) -> list[dict]:
     strict = {"parse_constant": lambda c: pytest.fail(f"non-strict JSON constant {c} in {path}")}
     return [json.loads(line, **strict) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -100,9 +105,7 @@ def test_terminal_lines_file_and_series_agree_on_count_mean_min_max(telemetry):
             line = _lines(out)["batch"][-1]
             assert int(line[1]) == number
             # the batch line and the last-batch gauges: the same batch
-            assert _one(samples, "otel_ml_distribution_last_mean", **labels) == pytest.approx(
-                float(line[5]), abs=5e-4
-            )
+            assert _shown(_one(samples, "otel_ml_distribution_last_mean", **labels)) == line[5]
             assert _one(samples, "otel_ml_distribution_last_size", **labels) == len(
                 [v for v in batch if not math.isnan(v)]
             )
@@ -112,7 +115,6 @@ def test_terminal_lines_file_and_series_agree_on_count_mean_min_max(telemetry):
     lines = _lines(out)
     (summary,) = lines["summary"]
     count, nonfinite = int(summary["count"]), int(summary["nonfinite"])
-    mean, low, high = (float(summary[key]) for key in ("mean", "min", "max"))
     records = _records(scorer.path)
     finite = _finite(records)
 
@@ -120,10 +122,9 @@ def test_terminal_lines_file_and_series_agree_on_count_mean_min_max(telemetry):
     assert _one(samples, "otel_ml_distribution_count", **labels) == count
     assert _one(samples, "otel_ml_nonfinite_total", **labels) == nonfinite
     series_mean = _one(samples, "otel_ml_distribution_sum", **labels) / count
-    assert series_mean == pytest.approx(mean, abs=5e-4) and series_mean == pytest.approx(
-        sum(finite) / len(finite)
-    )
-    assert (min(last_min), max(last_max)) == (min(finite), max(finite)) == (low, high)
+    assert _shown(series_mean) == summary["mean"] and series_mean == pytest.approx(sum(finite) / len(finite))
+    assert (min(last_min), max(last_max)) == (min(finite), max(finite))
+    assert tuple(map(_shown, (min(finite), max(finite)))) == (summary["min"], summary["max"])
     assert scorer.summary.mean == pytest.approx(series_mean)
     # every sample: its line and its record say the same id and score
     assert len(lines["sample"]) == len(records) == 12
@@ -133,12 +134,12 @@ def test_terminal_lines_file_and_series_agree_on_count_mean_min_max(telemetry):
         if record["score"] == "NaN":
             assert match[3] == "nan"
         else:
-            assert float(match[3]) == pytest.approx(record["score"], abs=5e-4)
+            assert match[3] == _shown(record["score"])
     # batch lines: sample ranges and means of the file's batches
     for line in lines["batch"]:
         batch_records = [r for r in records if r["batch"] == int(line[1])]
         assert (int(line[2]), int(line[3])) == (batch_records[0]["index"], batch_records[-1]["index"])
-        assert float(line[5]) == pytest.approx(np.mean(_finite(batch_records)), abs=5e-4)
+        assert line[5] == _shown(float(np.mean(_finite(batch_records))))
 
 
 @pytest.mark.parametrize(
