@@ -2,8 +2,9 @@
 
 :func:`summarize` turns the finite elements of a list, a numpy array or a CPU tensor into a
 :class:`Summary` (count, mean, min, max, population standard deviation, bucket counts) and counts
-the NaN/Inf elements it left out. It knows nothing about OTel; :mod:`otel_ml.training` exports
-the result.
+the NaN/Inf elements it left out; :func:`from_reduction` does the same for a tensor reduced on its
+own device (:mod:`otel_ml.tensor_summary`). It knows nothing about OTel;
+:mod:`otel_ml.distribution_metrics` exports the result.
 
 Example::
 
@@ -126,3 +127,28 @@ def summarize(values: Sequence[float], bounds: Sequence[float] = DEFAULT_BUCKETS
     mean = total / len(finite)
     var = math.fsum((v - mean) ** 2 for v in finite) / len(finite)
     return Summary(len(finite), mean, min(finite), max(finite), math.sqrt(var), nonfinite, total, counts)
+
+
+#: Leading fields of a reduced tensor (:mod:`otel_ml.tensor_summary`): count, sum, sum of squared
+#: deviations, min, max; the bucket counts follow.
+REDUCED_FIELDS = 5
+
+
+def from_reduction(packed: Sequence[float], elements: int) -> Summary:
+    """The :class:`Summary` of a tensor of ``elements`` elements reduced to ``packed`` numbers.
+
+    ``packed`` is ``[count, sum, squared deviations, min, max, *bucket counts]`` of the finite
+    elements (:func:`otel_ml.tensor_summary.reduce`); the others were NaN/Inf.
+
+    Example::
+
+        from_reduction([2, 6.0, 2.0, 2.0, 4.0, 0, 2], elements=3).std  # 1.0 (one element non-finite)
+    """
+    count = int(packed[0])
+    buckets = [int(v) for v in packed[REDUCED_FIELDS:]]
+    nonfinite = elements - count
+    if count == 0:
+        return Summary(0, None, None, None, None, nonfinite, 0.0, buckets)
+    total = float(packed[1])
+    std = math.sqrt(max(float(packed[2]), 0.0) / count)
+    return Summary(count, total / count, float(packed[3]), float(packed[4]), std, nonfinite, total, buckets)

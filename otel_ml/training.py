@@ -30,16 +30,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
-from opentelemetry.sdk.metrics.export import Histogram, Metric
+from opentelemetry.sdk.metrics.export import Metric
 
 from otel_ml import names, semconv
 from otel_ml._logging import logger, warn_once
 from otel_ml.collection import Collection
-from otel_ml.distribution import DEFAULT_BUCKETS, Summary, host_values, is_distribution, summarize
-from otel_ml.gpu import DeviceCalls
+from otel_ml.distribution import is_distribution
+from otel_ml.distribution_metrics import DistributionMetrics
 from otel_ml.health import TelemetryHealth
 from otel_ml.histogram import LabeledHistograms
-from otel_ml.values import Deferred, UnusableValueError, coerce
+from otel_ml.values import Deferred, DeferredReads, UnusableValueError, coerce
 
 _GAUGE, _SAMPLES, _TOKENS = 0, 1, 2
 _BUILTIN_GAUGES = {
@@ -99,12 +99,9 @@ class TrainingMetrics:
         cuda: Any | None = None,
         cudart: Any | None = None,
         distribution_buckets: Mapping[str, tuple[float, ...]] | None = None,
+        watch_distributions: deque | None = None,
     ) -> None:
         self._meter = meter
-        #: Bucket bounds per distribution key (DEFAULT_BUCKETS for the others).
-        self._dist_buckets = dict(distribution_buckets or {})
-        self._dists: dict[str, Summary] = {}
-        self._dist_hists: dict[str, LabeledHistograms] = {}
         self._attrs = dict(attributes)
         self._max_keys = max_keys
         self._on_step = on_step
@@ -113,8 +110,6 @@ class TrainingMetrics:
         self._mono = mono
         #: ``torch.cuda`` (or a stand-in) for CUDA tensors; torch's own when None.
         self._cuda = cuda
-        self._cudart = cudart
-        self._calls: DeviceCalls | None = None  # made on the background side, on first need
         # Slow paths only: key registration, non-finite counts. Reentrant: a SIGTERM flush runs
         # on this thread and collects (reads the counts) while log() may hold it.
         self._lock = threading.RLock()
@@ -129,7 +124,7 @@ class TrainingMetrics:
         self._window: deque[tuple[float, float, float]] = deque(maxlen=window + 1)
         # Drained every pump tick and at collection; the bound only matters if the pump is gone.
         self._durations: deque[float] = deque(maxlen=MAX_QUEUED_DURATIONS)
-        self._pending: deque[tuple[int, str, Deferred]] = deque()
+        self._pending = DeferredReads(MAX_PENDING, self._health, cudart)
         self._watch, self.observations = watch if watch is not None else (frozenset(), deque(maxlen=1))
 
         self._step: int | None = None
@@ -137,6 +132,17 @@ class TrainingMetrics:
         self._last_wall: float | None = None
         self._user_names: dict[str, str] = {}
         self._create_instruments()
+        #: Distributions (``log(reward=[...])``): histogram, last-step gauges, CUDA reductions.
+        self.distributions = DistributionMetrics(
+            meter,
+            self._attrs,
+            buckets=distribution_buckets,
+            count_nonfinite=self._count_nonfinite,
+            observations=watch_distributions,
+            health=self._health,
+            cuda=cuda,
+            cudart=cudart,
+        )
         if collection is not None:
             collection.register(metrics=self.metrics)
 
@@ -207,7 +213,7 @@ class TrainingMetrics:
 
     def _ingest_slow(self, step: int, key: str, kind: int, value: Any) -> None:
         if is_distribution(value):
-            self._ingest_distribution(step, key, value)
+            self.distributions.ingest(step, key, value)
             return
         try:
             number = coerce(value, self._cuda)
@@ -216,37 +222,15 @@ class TrainingMetrics:
             self._health.dropped("values")
             return
         if isinstance(number, Deferred):
-            pending = self._pending
-            if len(pending) >= MAX_PENDING:
-                pending.popleft()
-                self._health.dropped("values")
-            pending.append((step, key, number))
+            self._pending.push(step, key, number)
             return
         self._ingest(step, key, kind, number)
 
-    def _ingest_distribution(self, step: int, key: str, value: Any) -> None:
-        """A list, array or CPU tensor of several elements: histogram + last-step gauges."""
-        try:
-            summary = summarize(host_values(value), self._dist_buckets.get(key, DEFAULT_BUCKETS))
-        except Exception as exc:  # noqa: BLE001 - UnusableValueError, a CUDA tensor, exotic objects
-            warn_once(f"value:{key}", "otel_ml: log() dropped distribution %r: %s", key, exc)
-            self._health.dropped("values")
-            return
-        with self._lock:
-            if summary.nonfinite:
-                self._nonfinite[key] = self._nonfinite.get(key, 0) + summary.nonfinite
-            if summary.count == 0:
-                if not summary.nonfinite:  # nothing to keep: dropped and counted like a bad value
-                    warn_once(f"value:{key}", "otel_ml: log() dropped %r: empty at step %s", key, step)
-                    self._health.dropped("values")
-                return
-            hist = self._dist_hists.get(key)
-            if hist is None:
-                hist = self._dist_hists[key] = LabeledHistograms(self._dist_buckets.get(key, DEFAULT_BUCKETS))
-            self._dists[key] = summary
-        hist.add(
-            (names.label_value(key),), summary.bucket_counts, summary.total, summary.minimum, summary.maximum
-        )
+    def ingest_distribution(self, step: int, key: str, value: Any) -> None:
+        """A distribution under ``key`` (``otel_ml.scores`` and ``log()``); never raises."""
+        self.distributions.ingest(step, key, value)
+
+    _ingest_distribution = ingest_distribution  # the name otel_ml.scores calls
 
     def _ingest(self, step: int, key: str, kind: int, number: float) -> None:
         if number - number == 0.0:
@@ -270,9 +254,9 @@ class TrainingMetrics:
             self._tokens += value
             self._saw_tokens = True
 
-    def _count_nonfinite(self, key: str) -> None:
+    def _count_nonfinite(self, key: str, count: int = 1) -> None:
         with self._lock:
-            self._nonfinite[key] = self._nonfinite.get(key, 0) + 1
+            self._nonfinite[key] = self._nonfinite.get(key, 0) + count
 
     def _register(self, key: str) -> int | None:
         """First sight of ``key``: create its instrument (once per process and key)."""
@@ -320,30 +304,12 @@ class TrainingMetrics:
     # ------------------------------------------------------------------ collection
     def refresh(self) -> None:
         """Resolve deferred device values and record queued durations (pump or collection thread)."""
-        pending = self._pending
-        while pending:
-            step, key, deferred = pending[0]
-            try:
-                if not deferred.ready(self._device_calls(deferred)):
-                    break
-                number = deferred.value()
-            except Exception as exc:  # noqa: BLE001 - counted; the values behind it still flow
-                warn_once(f"deferred:{key}", "otel_ml: reading %r from the device failed: %s", key, exc)
-                self._health.error("values")
-                self._health.dropped("values")
-                number = None
-            pending.popleft()
-            if number is not None:
-                self._ingest(step, key, self._kinds.get(key) or _GAUGE, number)
+        self._pending.drain(self._deliver)
+        self.distributions.refresh()
         self.drain_durations()
 
-    def _device_calls(self, deferred: Deferred) -> DeviceCalls | None:
-        cuda = getattr(deferred, "cuda", None)
-        if cuda is None:
-            return None
-        if self._calls is None:
-            self._calls = DeviceCalls(cuda, self._cudart)
-        return self._calls
+    def _deliver(self, step: int, key: str, deferred: Deferred, _: Any) -> None:
+        self._ingest(step, key, self._kinds.get(key) or _GAUGE, deferred.value())
 
     def drain_durations(self) -> None:
         """Move queued step durations into the histogram (export thread or collection).
@@ -368,27 +334,7 @@ class TrainingMetrics:
         spec = semconv.STEP_DURATION
         metric = self.step_durations.to_metric(spec.name, spec.unit, spec.description, (), self._attrs)
         out = [] if metric is None else [metric]
-        spec, points = semconv.DISTRIBUTION, []
-        for hist in list(self._dist_hists.values()):
-            one = hist.to_metric(spec.name, spec.unit, spec.description, spec.labels, self._attrs)
-            if one is not None:
-                points.extend(one.data.data_points)
-                merged = one
-        if points:
-            data = Histogram(data_points=points, aggregation_temporality=merged.data.aggregation_temporality)
-            out.append(Metric(name=spec.name, description=spec.description, unit=spec.unit, data=data))
-        return out
-
-    def _observe_distribution(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(_: CallbackOptions) -> Iterable[Observation]:
-            label = semconv.LABEL_METRIC
-            with self._lock:
-                items = list(self._dists.items())
-            return [
-                Observation(getattr(s, field), {**self._attrs, label: names.label_value(k)}) for k, s in items
-            ]
-
-        return callback
+        return out + self.distributions.metrics()
 
     def _gauge_callback(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_: CallbackOptions) -> Iterable[Observation]:
@@ -463,11 +409,6 @@ class TrainingMetrics:
             )
         spec = semconv.NONFINITE
         m.create_observable_counter(spec.name, [self._observe_nonfinite], spec.unit, spec.description)
-        fields = ("count", "mean", "minimum", "maximum", "std")
-        for spec, field in zip(semconv.DISTRIBUTION_GAUGES, fields, strict=True):
-            m.create_observable_gauge(
-                spec.name, [self._observe_distribution(field)], spec.unit, spec.description
-            )
         self.step_durations = LabeledHistograms(semconv.STEP_DURATION_BUCKETS)
 
     def _builtin_callback(self, keys: list[str]) -> Callable[[CallbackOptions], Iterable[Observation]]:

@@ -19,10 +19,15 @@ Example::
 from __future__ import annotations
 
 import sys
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from otel_ml._logging import warn_once
+from otel_ml.gpu import DeviceCalls
+
 if TYPE_CHECKING:
-    from otel_ml.gpu import DeviceCalls
+    from otel_ml.health import TelemetryHealth
 
 
 class UnusableValueError(ValueError):
@@ -45,6 +50,10 @@ class Deferred:
 class CudaDeferred(Deferred):
     """Asynchronous device-to-host copy of a 1-element CUDA tensor, resolved by event polling.
 
+    With ``reduce``, the copied tensor is ``reduce(tensor)``, device-side work enqueued first on
+    the same stream (a distribution reduced to a few numbers, :mod:`otel_ml.tensor_summary`);
+    :meth:`values` reads all of them.
+
     The copy and its event go on the current stream of the *tensor's* device (where the copy
     runs), whatever the training thread's current device is; the event is queried later under
     that device's guard (:class:`otel_ml.gpu.DeviceCalls`). Inside a CUDA graph capture there is
@@ -60,19 +69,22 @@ class CudaDeferred(Deferred):
 
     __slots__ = ("_cuda", "_event", "_host", "device")
 
-    def __init__(self, tensor: Any, cuda: Any) -> None:
-        src = tensor.detach().reshape(())
+    def __init__(self, tensor: Any, cuda: Any, reduce: Callable[[Any], Any] | None = None) -> None:
         self._cuda = cuda
-        self.device = int(src.device.index if src.device.index is not None else cuda.current_device())
+        index = tensor.device.index
+        self.device = int(index if index is not None else cuda.current_device())
         if cuda.current_device() == self.device:
-            self._start(src, cuda)
+            self._start(tensor, cuda, reduce)
         else:
             with cuda.device(self.device):
-                self._start(src, cuda)
+                self._start(tensor, cuda, reduce)
 
-    def _start(self, src: Any, cuda: Any) -> None:
+    def _start(self, tensor: Any, cuda: Any, reduce: Callable[[Any], Any] | None) -> None:
         if cuda.is_current_stream_capturing():
             raise UnusableValueError("logged inside a CUDA graph capture (no value exists yet)")
+        # ``reduce`` enqueues device-side work (a distribution's few summary numbers) on the same
+        # stream before the copy; the scalar itself needs none.
+        src = tensor.detach().reshape(()) if reduce is None else reduce(tensor)
         # Pinned host memory, filled on the source device's current stream (non_blocking=True
         # makes torch allocate the destination pinned); the event follows it on that stream.
         self._host = src.to("cpu", non_blocking=True)
@@ -92,6 +104,10 @@ class CudaDeferred(Deferred):
     def value(self) -> float:
         return float(self._host.item())
 
+    def values(self) -> list[float]:
+        """Every element of the host copy (a reduced distribution), once :meth:`ready`."""
+        return [float(v) for v in self._host.tolist()]
+
 
 class LazyItem(Deferred):
     """A tensor on another accelerator (MPS, XLA, ...): ``.item()`` is called off-thread.
@@ -109,6 +125,63 @@ class LazyItem(Deferred):
 
     def value(self) -> float:
         return float(self._tensor.item())
+
+
+class DeferredReads:
+    """Deferred values waiting for their device, read oldest first on the export thread.
+
+    :meth:`push` (training thread) keeps at most ``limit`` of them, dropping the oldest and
+    counting it in ``health``; :meth:`drain` hands each ready one to ``deliver(step, key, deferred,
+    extra)`` and stops at the first whose device is not there yet (a stream runs in order). A read
+    that fails is warned once per key, counted as an error and a drop, and the next ones still flow.
+
+    Example::
+
+        reads = DeferredReads(4096, health)
+        reads.push(3, "loss", CudaDeferred(loss, torch.cuda))
+        reads.drain(lambda step, key, d, extra: print(step, key, d.value()))
+    """
+
+    def __init__(self, limit: int, health: TelemetryHealth, cudart: Any | None = None) -> None:
+        self._limit = limit
+        self._health = health
+        self._cudart = cudart
+        self._queue: deque[tuple[int, str, Deferred, Any]] = deque()
+        self._calls: DeviceCalls | None = None  # made on the export thread, on first need
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, step: int, key: str, deferred: Deferred, extra: Any = None) -> None:
+        queue = self._queue
+        if len(queue) >= self._limit:
+            queue.popleft()
+            self._health.dropped("values")
+        queue.append((step, key, deferred, extra))
+
+    def drain(self, deliver: Callable[[int, str, Deferred, Any], None]) -> None:
+        queue = self._queue
+        while queue:
+            step, key, deferred, extra = queue[0]
+            try:
+                if not deferred.ready(self._device_calls(deferred)):
+                    return
+                queue.popleft()
+                deliver(step, key, deferred, extra)
+            except Exception as exc:  # noqa: BLE001 - counted; the values behind it still flow
+                warn_once(f"deferred:{key}", "otel_ml: reading %r from the device failed: %s", key, exc)
+                self._health.error("values")
+                self._health.dropped("values")
+                if queue and queue[0][2] is deferred:  # ready() itself failed: skip this one
+                    queue.popleft()
+
+    def _device_calls(self, deferred: Deferred) -> DeviceCalls | None:
+        cuda = getattr(deferred, "cuda", None)
+        if cuda is None:
+            return None
+        if self._calls is None:
+            self._calls = DeviceCalls(cuda, self._cudart)
+        return self._calls
 
 
 def tensor_type() -> type | None:
