@@ -375,6 +375,15 @@ class Config:
             "Seconds between compact rank-view lines when stdout is not a terminal.",
         ),
     )
+    status_interval: float = field(
+        default=5.0,
+        metadata=_opt(
+            ("OTEL_ML_STATUS_INTERVAL",),
+            p.seconds_parser(1, 0.0),
+            "Seconds between rewrites of the rank's `status.json` in the run dir (state, step, ETA, "
+            "anomalies; also written at exit); 0 turns the file off.",
+        ),
+    )
     max_progress_tasks: int = field(
         default=64,
         metadata=_opt(
@@ -473,6 +482,9 @@ class Config:
             raise ValueError("trace_every must be >= 0")
         if self.tail_factor < 0:
             raise ValueError("tail_factor must be >= 0")
+        interval = self.status_interval
+        if not (isinstance(interval, (int, float)) and 0 <= interval < float("inf")):
+            raise ValueError(f"status_interval must be 0 (off) or a number of seconds, not {interval!r}")
         if self.progress_view not in ("auto", "on", "off"):
             raise ValueError(f"progress_view must be 'auto', 'on' or 'off', not {self.progress_view!r}")
         if self.score_print not in ("off", "batch", "sample"):

@@ -55,7 +55,8 @@ from otel_ml.progress.poller import RankView
 from otel_ml.regions.sampling import StepFlags
 from otel_ml.regions.timekeeper import Timekeeper
 from otel_ml.rundir import ENDPOINT_FILE, rank_dir, resolve, write_private
-from otel_ml.signals import install_sigterm_flush
+from otel_ml.signals import install_sigterm_flush, watch_uncaught
+from otel_ml.status import StatusBuilder, StatusWriter
 from otel_ml.stopping import StopAgreement, StopReason
 from otel_ml.system import GpuMemorySampler, SystemGauges
 from otel_ml.training import TrainingMetrics
@@ -111,6 +112,8 @@ class Telemetry:
         self.timekeeper: Timekeeper | None = None
         self.rank_view: RankView | None = None
         self.anomalies: AnomalyMonitor | None = None
+        #: Writes ``status.json`` (otel_ml.status), or None when ``status_interval`` is 0.
+        self.status: StatusWriter | None = None
         self._restore_signals: Callable[[], None] = lambda: None
         self.console = Console()
         #: The training metrics for the background side; ``training`` is cleared at shutdown so
@@ -200,6 +203,18 @@ class Telemetry:
         self.payload = ProgressPayload(
             progress_board, self.rank, self.run_id, training, anomalies=anomalies, regions=regions
         )
+        if cfg.status_interval > 0:
+            self.status = StatusWriter(
+                rank_dir(self.run_dir, self.rank),
+                StatusBuilder(self.rank, self.run_id),
+                board=progress_board,
+                training=training,
+                anomalies=anomalies,
+                regions=timekeeper.aggregator,
+                interval=cfg.status_interval,
+                health=self.health,
+            )
+            watch_uncaught(self.status.failed)
         security = server_security(cfg) if prom_reader is not None else None
         if prom_reader is not None and security is not None:
             self.server = MetricsServer(
@@ -218,7 +233,7 @@ class Telemetry:
                 logger.info("otel_ml: rank %d serves %s", self.rank, self.server.url)
         self.pump = Pump(
             pipeline,
-            jobs=(training.refresh, timekeeper.tick),
+            jobs=(training.refresh, timekeeper.tick, *((self.status.tick,) if self.status else ())),
             once=(self._write_endpoint_file,),
             interval=cfg.metric_export_interval,
         )
@@ -237,7 +252,8 @@ class Telemetry:
         if cfg.set_global_providers:
             _install_globals(self)
         if cfg.handle_signals:
-            self._restore_signals = install_sigterm_flush(self.shutdown)
+            on_signal = self.status.terminated if self.status is not None else None
+            self._restore_signals = install_sigterm_flush(self.shutdown, on_signal)
 
     def _before_collect(self) -> None:
         """The one prepare hook of every collection, in this order: resolve deferred ``log()``
@@ -373,6 +389,8 @@ class Telemetry:
                 warn_once("summary", "otel_ml: timing summary failed: %s", exc)
         if self.pump is not None:
             ok = self.pump.shutdown(max(0.0, deadline - time.monotonic() - 0.5))
+        if self.status is not None:
+            self.status.finish()  # after the pump's last tick: the final state is the last write
         if self.server is not None:
             self.server.close()
         return ok

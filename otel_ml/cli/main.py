@@ -1,10 +1,11 @@
-"""The ``otel-ml`` command: its parser, and the small subcommands ``targets`` and ``inspect``.
+"""The ``otel-ml`` command: its parser, and the small subcommand ``targets``.
 
 Subcommands:
 
 * ``demo``: a real multi-rank training run with telemetry on (see :mod:`otel_ml.cli.demo`);
 * ``targets RUN_DIR``: Prometheus ``file_sd`` JSON for the ranks of a run, from their port files;
-* ``inspect RUN_DIR``: what an offline run recorded (per rank: last step, loss, files);
+* ``inspect RUN_DIR [--json]``: how each rank is doing or ended: state, steps, loss, throughput,
+  anomalies, the slowest rank (:mod:`otel_ml.cli.inspect`);
 * ``top``: a live terminal view of every rank, from Prometheus or the ranks' ``/metrics``;
 * ``backfill RUN_DIR... --out DIR``: an offline run as Prometheus blocks (:mod:`otel_ml.cli.backfill`);
 * ``replay RUN_DIR --otlp URL``: an offline run sent to a collector (:mod:`otel_ml.cli.replay`).
@@ -23,10 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from otel_ml import semconv
 from otel_ml._version import __version__
-from otel_ml.exporters.files import read_jsonl
-from otel_ml.rundir import METRICS_FILE, rank_dirs, read_endpoints
+from otel_ml.rundir import read_endpoints
 
 
 def endpoint_files(run_dir: Path) -> list[dict[str, Any]]:
@@ -59,48 +58,11 @@ def file_sd_targets(records: list[dict[str, Any]], host: str | None = None) -> l
     return groups
 
 
-def _last_metric_points(path: Path) -> dict[str, float]:
-    """Last value of each gauge/sum in the newest metrics line of one rank's file."""
-    last: dict[str, Any] = {}
-    for document in read_jsonl(path):
-        last = document
-    values: dict[str, float] = {}
-    for resource_metrics in last.get("resourceMetrics", []):
-        for scope in resource_metrics.get("scopeMetrics", []):
-            for metric in scope.get("metrics", []):
-                data = metric.get("gauge") or metric.get("sum")
-                if not data:
-                    continue
-                for point in data.get("dataPoints", []):
-                    value = point.get("asDouble", point.get("asInt"))
-                    if value is not None:
-                        values[metric["name"]] = float(value)
-    return values
-
-
 def cmd_targets(args: argparse.Namespace) -> int:
     groups = file_sd_targets(endpoint_files(args.run_dir), args.host)
     json.dump(groups, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0 if groups else 1
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    directories = rank_dirs(args.run_dir)
-    if not directories:
-        print(f"otel-ml: no rank-* directories under {args.run_dir}", file=sys.stderr)
-        return 1
-    for directory in directories:
-        metrics = directory / METRICS_FILE
-        values = _last_metric_points(metrics) if metrics.exists() else {}
-        files = ", ".join(f"{p.name} ({p.stat().st_size} B)" for p in sorted(directory.glob("*.jsonl*")))
-        step = values.get(semconv.STEP.name)
-        loss = values.get(semconv.LOSS.name)
-        print(
-            f"{directory.name}: step {step if step is None else int(step)}, loss {loss}, "
-            f"samples {values.get(semconv.SAMPLES.name)}; {files or 'no files'}"
-        )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("top", help="every rank of a run at a glance (see otel-ml top --help)", add_help=False)
 
-    inspect = sub.add_parser("inspect", help="summarise an offline run dir")
-    inspect.add_argument("run_dir", type=Path)
-    inspect.set_defaults(func=cmd_inspect)
+    from otel_ml.cli import inspect
+
+    inspect_parser = sub.add_parser("inspect", help="each rank's state, steps, loss and anomalies")
+    inspect.add_arguments(inspect_parser)
+    inspect_parser.set_defaults(func=inspect.run)
 
     from otel_ml.cli import backfill
 

@@ -4,7 +4,9 @@ A rank's signal files are read oldest first: the rotated backups from the highes
 (``metrics.otlp.jsonl.2``, ``.1``), then the live file. A line that does not parse is skipped
 and reported as a :class:`Problem` naming the file and line: the last line of a file cut short
 (a killed process leaves half a line and no newline) as ``truncated``, any other as ``corrupt``.
-A folder that holds no rank directories raises :class:`NotARunDirError`.
+A folder that holds no rank directories raises :class:`NotARunDirError`. :func:`newest_document`
+and :func:`last_points` give what a rank last exported (``otel-ml inspect`` for runs without a
+status file).
 
 Example::
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,3 +140,53 @@ def read_run(run_dir: str | os.PathLike[str], signal: str) -> RunFiles:
         else:
             run.problems.append(Problem(directory, 0, f"no readable {signal} in {name}*; rank skipped"))
     return run
+
+
+@dataclass(frozen=True)
+class Point:
+    """One gauge or sum data point of a metrics document."""
+
+    name: str
+    attributes: dict[str, str]
+    value: float
+
+
+def newest_document(directory: Path, signal: str, problems: list[Problem]) -> dict[str, Any] | None:
+    """The last readable document of one rank's ``signal`` files (newest file first), or None."""
+    for file in reversed(signal_files(directory, SIGNAL_FILES[signal])):
+        last = None
+        for document in read_lines(file, problems):
+            last = document
+        if last is not None:
+            return last
+    return None
+
+
+def _attribute_value(value: Mapping[str, Any]) -> str:
+    for key in ("stringValue", "intValue", "doubleValue", "boolValue"):
+        if key in value:
+            return str(value[key])
+    return ""
+
+
+def last_points(document: Mapping[str, Any]) -> list[Point]:
+    """Every gauge and sum point of one OTLP/JSON metrics document, with its attributes."""
+    points = []
+    for resource_metrics in document.get("resourceMetrics", []):
+        for scope in resource_metrics.get("scopeMetrics", []):
+            for metric in scope.get("metrics", []):
+                data = metric.get("gauge") or metric.get("sum")
+                if not isinstance(data, Mapping):
+                    continue
+                for point in data.get("dataPoints", []):
+                    value = point.get("asDouble", point.get("asInt"))
+                    try:
+                        number = float(value)
+                    except (TypeError, ValueError):
+                        continue
+                    attributes = {
+                        str(a.get("key")): _attribute_value(a.get("value") or {})
+                        for a in point.get("attributes", [])
+                    }
+                    points.append(Point(str(metric.get("name")), attributes, number))
+    return points
