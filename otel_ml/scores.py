@@ -334,7 +334,7 @@ class Scores:
         if training is None:
             return
         try:
-            training._ingest_distribution(self._batches, self.name, values)
+            training.ingest_distribution(self._batches, self.name, values)
         except Exception as exc:  # noqa: BLE001 - telemetry never breaks the job
             warn_once(f"scores-export:{self.name}", "otel_ml.scores(%r): export failed: %s", self.name, exc)
             telemetry.health.dropped("values")
