@@ -130,3 +130,46 @@ def test_bucket_option_reads_kwargs_then_env_and_bad_env_falls_back_to_default(c
     assert "OTEL_ML_DISTRIBUTION_BUCKETS" in caplog.text
     with pytest.raises(ValueError, match="strictly increasing"):
         Config.resolve(env={}, distribution_buckets={"reward": (1.0, 1.0)})
+
+
+# Tensors: reduced by torch ops (vectorised on CPU, on the device for CUDA) -------------------------
+
+MIXED = [0.5, -3.0, float("nan"), 12.0, 0.0, float("inf"), -0.1, 7.25, float("-inf"), 100.0, 250.0, -1e6]
+
+
+def _same_summary(got, want):
+    assert (got.count, got.nonfinite, got.bucket_counts) == (want.count, want.nonfinite, want.bucket_counts)
+    assert (got.minimum, got.maximum) == (want.minimum, want.maximum)
+    assert got.mean == pytest.approx(want.mean) and got.std == pytest.approx(want.std)
+    assert got.total == pytest.approx(want.total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_cpu_tensor_gets_the_summary_of_the_pure_calculator(scrape, dtype):
+    tm, _ = scrape
+    values = torch.tensor(MIXED, dtype=dtype)
+    tm.log(1, {"reward": values.reshape(3, 4)})
+    _same_summary(tm.distributions.last("reward"), summarize([float(v) for v in values.tolist()]))
+
+
+def test_an_integer_or_bool_tensor_is_a_distribution_and_a_complex_one_is_dropped(scrape, caplog):
+    tm, _ = scrape
+    tm.log(1, {"hits": torch.tensor([True, False, True]), "tokens_out": torch.arange(4)})
+    with caplog.at_level(logging.WARNING, logger="otel_ml"):
+        tm.log(2, {"phase": torch.tensor([1j, 2j])})
+    assert tm.distributions.last("hits").mean == pytest.approx(2 / 3)
+    assert tm.distributions.last("tokens_out").maximum == 3.0
+    assert tm.distributions.last("phase") is None and "complex tensor" in caplog.text
+
+
+def test_nan_and_inf_elements_of_a_tensor_are_counted_and_kept_out_of_every_series(scrape):
+    tm, render = scrape
+    tm.log(1, {"reward": torch.tensor([1.0, float("nan"), float("inf"), 3.0, float("-inf")])})
+    tm.log(2, {"reward": torch.tensor([float("nan"), float("nan")])})  # nothing finite: counted only
+    samples = render()
+    assert _one(samples, "otel_ml_nonfinite_total", metric="reward") == 5
+    assert _one(samples, "otel_ml_distribution_count", metric="reward") == 2
+    assert _one(samples, "otel_ml_distribution_sum", metric="reward") == 4.0
+    assert _one(samples, "otel_ml_distribution_bucket", le="+Inf", metric="reward") == 2
+    assert _one(samples, "otel_ml_distribution_last_max", metric="reward") == 3.0  # step 1's, not Inf
+    assert _one(samples, "otel_ml_distribution_last_size", metric="reward") == 2

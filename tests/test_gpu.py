@@ -7,9 +7,7 @@ raises or records wherever real CUDA would misbehave, and is stricter where it c
 
 from __future__ import annotations
 
-import threading
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,29 +27,10 @@ from otel_ml.regions.pathtree import PathTree
 from otel_ml.regions.sampling import TraceSampler
 from otel_ml.training import TrainingMetrics
 from tests.support.clock import FakeClock
-from tests.support.fake_cuda import CudaError, FakeCuda
+from tests.support.fake_cuda import CudaError, FakeCuda, on_thread
 from tests.support.metrics import parse_exposition
 
 MS = 1_000_000
-
-
-def on_thread(function: Callable[[], Any], name: str = "otel-ml-pump") -> Any:
-    """Run ``function`` on a fresh thread (current CUDA device 0, as otel_ml's threads start)."""
-    out: list[Any] = []
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            out.append(function())
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name=name)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return out[0]
 
 
 class Timed:

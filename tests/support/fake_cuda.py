@@ -14,8 +14,13 @@ Stricter than the real thing wherever the two differ, never more lenient:
 * ``elapsed_time`` raises unless both events were recorded, completed, on one device, with
   timing, and outside a capture (real CUDA raises for most of these too);
 * work runs on the fake GPU only when the test says so (:meth:`FakeCuda.complete`): an event is
-  complete once its stream has executed up to it, and a non-blocking device-to-host copy holds
-  garbage until its stream has;
+  complete once its stream has executed up to it, and reading a non-blocking device-to-host copy
+  before its stream has raises;
+* a CUDA tensor (:meth:`FakeCuda.tensor`, one element or many) allows only the ops that are
+  asynchronous on a GPU (:data:`ASYNC_OPS`, each a kernel on its device's current stream, refused
+  inside a capture) and ``to("cpu", non_blocking=True)``; ``item()``, ``tolist()``, ``bool()``,
+  ``float()``, a blocking copy, shape reads and every other op are recorded in
+  :attr:`FakeCuda.forbidden` and raise;
 * ``is_available()`` and any call that would initialise CUDA before the test did count as a
   ``cuInit``; ``synchronize()`` anywhere is a test failure;
 * a capture (:meth:`FakeCuda.graph`) in the default global mode is broken by a context-needing
@@ -39,15 +44,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 GLOBAL, THREAD_LOCAL, RELAXED = 0, 1, 2
-#: What a host copy holds before the GPU wrote it (a value no test logs).
-GARBAGE = -1.2345e30
 
 
 class CudaError(RuntimeError):
@@ -145,6 +148,10 @@ class FakeCuda:
         self.memory_stats_calls: Counter[int] = Counter()
         self._fail: Counter[str] = Counter()
         self.early_reads = 0
+        #: Host syncs and early reads otel_ml made: (what, thread name). Each also raised.
+        self.forbidden: list[tuple[str, str]] = []
+        #: Kernels launched on CUDA tensors, per device.
+        self.launches: Counter[int] = Counter()
         self.captures: list[_Capture] = []  # in progress
         self.ended_captures: list[_Capture] = []
         self._side_streams: list[Stream] = []
@@ -176,7 +183,21 @@ class FakeCuda:
 
     def clean(self) -> bool:
         """Nothing otel_ml must never do has happened."""
-        return not (self.cuinit or self.stray_contexts or self.unguarded or self.broken_captures())
+        bad = self.cuinit or self.stray_contexts or self.unguarded or self.forbidden
+        return not (bad or self.broken_captures())
+
+    def forbid(self, what: str) -> None:
+        """Record a host sync or an early read (the caller raises)."""
+        self.forbidden.append((what, threading.current_thread().name))
+
+    def launch(self, device: int, name: str) -> None:
+        """A kernel on ``device``'s current stream of this thread; inside a capture it is forbidden."""
+        stream = self._thread.streams.get(device) or self.default_streams[device]
+        if stream.capture is not None:
+            self.forbid(f"{name} captured into the training code's CUDA graph")
+            raise AssertionError(f"otel_ml enqueued {name} into a CUDA graph capture")
+        self.launches[device] += 1
+        stream.enqueue("kernel", 0.0, name)
 
     def broken_captures(self) -> list[str]:
         return [c.broken for c in (*self.captures, *self.ended_captures) if c.broken]
@@ -341,11 +362,12 @@ class FakeCuda:
         self._touch("get_device_properties")
         return self.properties[self._device_index(device)]
 
-    def tensor(self, value: float, device: int | None = None) -> FakeCudaTensor:
-        """A 1-element tensor on ``device`` (default: the current one), written by a kernel."""
+    def tensor(self, value: Any, device: int | None = None, dtype: Any = None) -> FakeCudaTensor:
+        """A tensor on ``device`` (default: the current one): 0-dim for a number, else its elements."""
         index = self._device_index(device)
         self.used.add(index)
-        return FakeCudaTensor(self, float(value), index)
+        payload = torch.as_tensor(value, dtype=dtype if dtype is not None else torch.float32).clone()
+        return FakeCudaTensor(self, payload, index)
 
 
 def _event_class(cuda: FakeCuda) -> type:
@@ -423,64 +445,153 @@ class _Cudart:
 
 
 class _HostTensor:
-    """A pinned host copy: garbage until its stream executed the copy."""
+    """A pinned host copy: reading it before its stream executed the copy raises (and is counted)."""
 
-    def __init__(self, cuda: FakeCuda, value: float) -> None:
+    def __init__(self, cuda: FakeCuda, payload: torch.Tensor) -> None:
         self._cuda = cuda
-        self._value = value
+        self._payload = payload.clone()
         self.landed = False
 
-    def item(self) -> float:
+    def _read(self, call: str) -> torch.Tensor:
         if not self.landed:
             self._cuda.early_reads += 1
-            return GARBAGE
-        return self._value
+            what = f"{call}() of a host copy the GPU has not written yet"
+            self._cuda.forbid(what)
+            raise AssertionError(f"otel_ml read {what}")
+        return self._payload
+
+    def item(self) -> float:
+        return float(self._read("item").item())
+
+    def tolist(self) -> list[float]:
+        return self._read("tolist").tolist()
+
+    def numpy(self) -> Any:
+        return self._read("numpy").numpy()
+
+
+#: Ops that run asynchronously on a real GPU (a kernel enqueued, no value read by the host) and
+#: that otel_ml may call on a CUDA tensor; anything else (``item``, ``tolist``, ``bool()``,
+#: ``float()``, ``cpu()``, printing, boolean indexing, ``nonzero``, ``bincount``, ``histc``, shape
+#: reads, ...) is refused, even where real CUDA would only be slow.
+ASYNC_OPS = frozenset(
+    {
+        "isfinite", "where", "sum", "amin", "amax", "clamp", "bucketize", "scatter_add_", "new_zeros",
+        "new_full", "cat", "stack", "__sub__", "__mul__", "__truediv__", "__add__", "sub", "mul", "div",
+        "add",
+    }
+)  # fmt: skip
+
+
+def _unwrap(value: Any, devices: set[int]) -> Any:
+    if isinstance(value, FakeCudaTensor):
+        devices.add(value._fake[2])
+        return value._fake[1]
+    if isinstance(value, torch.Tensor):
+        raise AssertionError("a CPU tensor mixed into a CUDA op (a host-to-device copy)")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap(v, devices) for v in value)
+    return value
 
 
 class FakeCudaTensor(torch.Tensor):
-    """A 1-element CUDA tensor: ``torch.Tensor`` to ``isinstance``, anything not modelled raises."""
+    """A CUDA tensor: ``torch.Tensor`` to ``isinstance``, its values in a CPU ``payload``.
+
+    Only :data:`ASYNC_OPS`, ``detach``, ``reshape``, ``to(dtype)`` and ``to("cpu",
+    non_blocking=True)`` work; each enqueues its kernel on the current stream of the tensor's
+    device. Every other use is a sync the training thread must not make: recorded in
+    :attr:`FakeCuda.forbidden` and raised.
+    """
 
     @staticmethod
-    def __new__(cls, cuda: FakeCuda, value: float, device: int) -> FakeCudaTensor:
+    def __new__(cls, cuda: FakeCuda, payload: torch.Tensor, device: int) -> FakeCudaTensor:
         tensor = torch.Tensor._make_subclass(cls, torch.empty(()))
-        tensor._fake = (cuda, value, device)
+        tensor._fake = (cuda, payload, device)
         return tensor
 
-    def __init__(self, cuda: FakeCuda, value: float, device: int) -> None:
+    def __init__(self, cuda: FakeCuda, payload: torch.Tensor, device: int) -> None:
         super().__init__()
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        raise AssertionError(f"otel_ml called {getattr(func, '__name__', func)} on a fake CUDA tensor")
+        name = getattr(func, "__name__", str(func))
+        fakes = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, FakeCudaTensor)]
+        fakes += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, FakeCudaTensor)]
+        cuda = fakes[0]._fake[0] if fakes else None
+        if name not in ASYNC_OPS or cuda is None:
+            if cuda is not None:
+                cuda.forbid(f"{name} on a CUDA tensor")
+            raise AssertionError(f"otel_ml called {name} on a fake CUDA tensor")
+        devices: set[int] = set()
+        try:
+            plain_args = _unwrap(args, devices)
+            plain_kwargs = {k: _unwrap(v, devices) for k, v in (kwargs or {}).items()}
+        except AssertionError as exc:
+            cuda.forbid(f"{name}: {exc}")
+            raise
+        if len(devices) != 1:
+            cuda.forbid(f"{name} across devices {sorted(devices)}")
+            raise CudaError("Expected all tensors to be on the same device")
+        (device,) = devices
+        result = func(*plain_args, **plain_kwargs)
+        cuda.launch(device, name)
+        if name.endswith("_") and isinstance(args[0], FakeCudaTensor):
+            return args[0]  # in place: the payload changed under the same tensor
+        return FakeCudaTensor(cuda, result, device) if isinstance(result, torch.Tensor) else result
 
     is_cuda = property(lambda self: True)
     is_cpu = property(lambda self: False)
     is_meta = property(lambda self: False)
-    dtype = property(lambda self: torch.float32)
+    dtype = property(lambda self: self._fake[1].dtype)
     device = property(lambda self: torch.device("cuda", self._fake[2]))
 
     def numel(self) -> int:
-        return 1
+        return self._fake[1].numel()
 
     def is_complex(self) -> bool:
-        return False
+        return self._fake[1].is_complex()
 
     def detach(self) -> FakeCudaTensor:
         return self
 
     def reshape(self, *shape: Any) -> FakeCudaTensor:
-        return self
+        cuda, payload, device = self._fake
+        return FakeCudaTensor(cuda, payload.reshape(*shape), device)  # metadata: no kernel
 
     def item(self) -> float:
+        self._fake[0].forbid("item() on a CUDA tensor")
         raise AssertionError("otel_ml called .item() on a CUDA tensor: that synchronises the training thread")
 
-    def to(self, *args: Any, **kwargs: Any) -> _HostTensor:
-        cuda, value, device = self._fake
-        target = args[0] if args else kwargs.get("device")
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        cuda, payload, device = self._fake
+        target = args[0] if args else kwargs.get("device", kwargs.get("dtype"))
+        if isinstance(target, torch.dtype):  # a conversion on the device: one kernel
+            cuda.launch(device, "to")
+            return FakeCudaTensor(cuda, payload.to(target), device)
         if str(target) != "cpu" or not kwargs.get("non_blocking"):
+            cuda.forbid(f"to({args}, {kwargs}) of a CUDA tensor")
             raise AssertionError(f"otel_ml copied a CUDA tensor with to({args}, {kwargs}): not non-blocking")
         cuda._check("copy")
-        host = _HostTensor(cuda, value)
+        host = _HostTensor(cuda, payload)
         # The copy runs on the *source device's* current stream, whatever the current device is.
         cuda.current_stream(device).enqueue("copy", 0.0, host)
         return host
+
+
+def on_thread(function: Callable[[], Any], name: str = "otel-ml-pump") -> Any:
+    """Run ``function`` on a fresh thread (current CUDA device 0, as otel_ml's threads start)."""
+    out: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(function())
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return out[0]
