@@ -193,6 +193,7 @@ def test_a_rank_s_anomaly_shows_on_its_line_and_the_global_line_counts_the_ranks
 
 def test_anomaly_texts_say_what_and_since_when():
     assert Flag("nonfinite", "grad_norm", 7).text() == "NaN/Inf grad_norm since step 7"
+    assert Flag("nonfinite", "loss", 7, message="loss is nan at step 7").text() == "NaN loss since step 7"
     assert Flag("loss_plateau", "loss", 900).text() == "loss plateau since step 900"
     assert Flag("grad_explosion", "grad_norm", 5).text() == "grad explosion since step 5"
     assert Flag("kl_spike", "kl").text() == "kl spike"  # from /metrics: no step known

@@ -155,13 +155,17 @@ def latest_run(base: str, timeout: float = 5.0) -> str | None:
 
 
 def from_prometheus(base: str, run: str, timeout: float = 5.0) -> list[RankStatus]:
-    """Statuses of ``run`` from Prometheus; ranks whose target is down come from ``up``."""
+    """Statuses of ``run`` from Prometheus; ranks whose target is down come from ``up``. Region
+    times are rates over the last 2 minutes (a straight scrape has only the run's totals)."""
     selector = f'{semconv.LABEL_RUN_ID}="{run}"'
-    names = "|".join([*_PROGRESS, *_SCALARS, _GPU_ALLOCATED, _GPU_RESERVED, _SPAN_SELF, _STEPS, _STEP_TIME])
+    names = "|".join([*_PROGRESS, *_SCALARS, _GPU_ALLOCATED, _GPU_RESERVED])
 
     def samples() -> Iterator[tuple[str, dict[str, str], float]]:
         for row in _query(base, f'{{__name__=~"{names}",{selector}}}', timeout):
             yield row["metric"]["__name__"], row["metric"], float(row["value"][1])
+        for name in (_SPAN_SELF, _STEPS, _STEP_TIME):
+            for row in _query(base, f"rate({name}{{{selector}}}[2m])", timeout):
+                yield name, row["metric"], float(row["value"][1])
         for row in _query(base, f"{_ANOMALY_ACTIVE}{{{selector}}} == 1", timeout):
             yield _ANOMALY_ACTIVE, row["metric"], 1.0
 

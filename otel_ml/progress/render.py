@@ -9,9 +9,8 @@ a global line that counts the ranks with anomalies and names the slowest rank.
 The slowest rank: in a synchronous job every rank runs at the straggler's pace (the others wait
 in the collective), so rates and ETAs agree and cannot tell it. With region timings from three
 or more ranks, it is the rank whose time in one region (or outside any) exceeds that region's
-median over the ranks by the most, when the excess is at least 10% of the median step time: the
-waiting ranks share their extra wait, the straggler alone has its extra work. Otherwise it is the
-rank with the longest ETA.
+median over the ranks by the most, when that is at least 10% of the median step time (the waiting
+ranks share their extra wait, the straggler alone has its extra work); else the longest ETA.
 
 Example::
 
@@ -48,6 +47,7 @@ class Flag:
     Example::
 
         Flag("nonfinite", "loss", first_step=300).text()   # 'NaN/Inf loss since step 300'
+        Flag("nonfinite", "loss", 300, message="loss is nan at step 300").text()   # 'NaN loss ...'
     """
 
     type: str
@@ -58,32 +58,37 @@ class Flag:
     active: bool = True
     start_time: float | None = None
     end_time: float | None = None
+    #: The episode's message as the rank logged it (``loss is nan at step 300``).
+    message: str = ""
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Flag:
         """From an episode dict (:meth:`otel_ml.anomaly.Episode.as_dict`); unknown fields are ignored."""
 
-        def step(value: Any) -> int | None:
-            return int(value) if isinstance(value, (int, float)) else None
-
-        def moment(value: Any) -> float | None:
-            return float(value) if isinstance(value, (int, float)) else None
+        def known(value: Any, kind: type) -> Any:
+            return kind(value) if isinstance(value, (int, float)) else None
 
         return cls(
             type=str(row.get("type", "?")),
             key=str(row.get("key") or ""),
-            first_step=step(row.get("first_step")),
-            last_step=step(row.get("last_step")),
+            first_step=known(row.get("first_step"), int),
+            last_step=known(row.get("last_step"), int),
             count=int(row.get("count") or 0),
             active=bool(row.get("active", row.get("end_time") is None)),
-            start_time=moment(row.get("start_time")),
-            end_time=moment(row.get("end_time")),
+            start_time=known(row.get("start_time"), float),
+            end_time=known(row.get("end_time"), float),
+            message=str(row.get("message") or ""),
         )
 
     def text(self) -> str:
-        """What happened, for a person: ``NaN/Inf loss since step 300``, ``stalled``."""
+        """What happened, for a person: ``NaN loss since step 300``, ``stalled (no step)``.
+
+        Whether a non-finite value was NaN or Inf comes from the rank's message; without one
+        (``otel-ml top`` reads only the type) it says NaN/Inf."""
         if self.type == "nonfinite":
-            what = f"NaN/Inf {self.key}" if self.key else "NaN/Inf values"
+            value = self.message.rpartition(" at step")[0].rpartition(" is ")[2]
+            word = {"nan": "NaN", "inf": "Inf", "-inf": "-Inf"}.get(value, "NaN/Inf")
+            what = f"{word} {self.key}" if self.key else f"{word} values"
         elif self.type == "stall":
             return "stalled (no step)"
         elif self.type == "loss_plateau":
@@ -386,9 +391,7 @@ def episode_changes(
             if was is None:
                 lines.append(f"otel_ml: rank {status.rank} anomaly: {flag.text()} ({flag.type})")
             if not flag.active and was is not False:
-                steps = (
-                    f"steps {flag.first_step}-{flag.last_step}" if flag.first_step is not None else "no step"
-                )
+                steps = "no step" if flag.first_step is None else f"steps {flag.first_step}-{flag.last_step}"
                 lines.append(
                     f"otel_ml: rank {status.rank} anomaly ended: {flag.type}"
                     f"{' on ' + flag.key if flag.key else ''}, {steps}, {flag.count} value(s)"

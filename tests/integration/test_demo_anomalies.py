@@ -1,44 +1,98 @@
-"""When something goes wrong on one rank, rank 0's terminal says so: a real 4-rank demo (gloo) with
-a NaN loss on rank 2 and a slow forward on rank 1, rank 0's output captured as a log (not a tty)."""
+"""When something goes wrong on one rank, the person learns it: a real 4-rank demo (gloo) with a
+NaN loss on rank 2 and a slow forward on rank 1. ``otel-ml top`` against a real Prometheus
+scraping it while it runs, then rank 0's output, captured as a log (not a tty)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from otel_ml.cli.main import endpoint_files, file_sd_targets
 from tests.support.demo import demo_command, demo_env
-from tests.support.net import free_port_block
+from tests.support.net import free_port_block, wait_until
+from tests.support.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
 
-RANKS, STEPS, NAN_STEP = 4, 200, 60
+RANKS, STEPS, NAN_STEP = 4, 160, 50
 
 
-def test_rank_zero_log_names_the_nan_rank_with_its_first_step_and_the_slow_rank(tmp_path, processes):
-    run_dir = tmp_path / "anomalies"
+@dataclass
+class Demo:
+    proc: subprocess.Popen
+    run_dir: Path
+    out: Path
+    err: Path
+
+    def finish(self) -> tuple[str, str]:
+        """Wait for the run; rank 0's stdout and the ranks' stderr."""
+        assert self.proc.wait(240) == 0, self.err.read_text()[-3000:]
+        return self.out.read_text(), self.err.read_text()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Iterator[Demo]:
+    """One demo run for the module (started once; always stopped)."""
+    base = tmp_path_factory.mktemp("demo-anomalies")
+    run_dir, out, err = base / "anomalies", base / "stdout.txt", base / "stderr.txt"
     env = demo_env(run_dir, free_port_block(RANKS), OTEL_ML_PROGRESS_LOG_INTERVAL="2")
-    demo = processes.start(
-        demo_command(
-            *("--ranks", str(RANKS), "--steps", str(STEPS), "--files", "0"),
-            *("--nan", f"2:{NAN_STEP}", "--slow", "1:20"),
-        ),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    command = demo_command(
+        *("--ranks", str(RANKS), "--steps", str(STEPS), "--files", "0", "--linger", "5"),
+        *("--nan", f"2:{NAN_STEP}", "--slow", "1:20"),
     )
-    out, err = demo.communicate(timeout=240)
-    assert demo.returncode == 0, err[-3000:]
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        yield Demo(proc, run_dir, out, err)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_top_from_prometheus_flags_the_nan_rank_and_names_the_slow_one(demo, prometheus_binary, tmp_path):
+    records = wait_until(lambda: (r := endpoint_files(demo.run_dir)) and len(r) == RANKS and r, 120)
+    with PrometheusServer(prometheus_binary, tmp_path / "prom", file_sd=file_sd_targets(records)) as prom:
+
+        def frame() -> str | None:
+            out = subprocess.run(
+                [sys.executable, "-m", "otel_ml.cli", "top", "--once", "--prometheus", prom.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            text = out.stdout
+            rank = {
+                r: next((ln for ln in text.splitlines() if ln.startswith(f"[rank {r}]")), "") for r in (1, 2)
+            }
+            ok = "⚠ NaN/Inf values" in rank[2] and re.search(r"◀ slowest: forward \+[\d.]+ ms/step", rank[1])
+            return text if ok and "| 1 rank with anomalies: 2 (nonfinite)" in text else None
+
+        text = wait_until(frame, 90, interval=1.0, what="a top frame with rank 2 flagged, rank 1 slowest")
+    assert f"{RANKS}/{RANKS} ranks up" in text
+    assert sum("⚠" in ln for ln in text.splitlines() if ln.startswith("[rank")) == 1, text
+
+
+def test_rank_zero_log_names_the_nan_rank_with_its_first_step_and_the_slow_rank(demo):
+    out, err = demo.finish()
     lines = out.splitlines()
     views = [ln for ln in lines if ln.startswith("otel_ml ranks: ")]
     assert len(views) >= 3, out[-3000:]
 
     # the start of rank 2's episode: one line, however many polls saw it
-    started = f"otel_ml: rank 2 anomaly: NaN/Inf loss since step {NAN_STEP} (nonfinite)"
+    started = f"otel_ml: rank 2 anomaly: NaN loss since step {NAN_STEP} (nonfinite)"
     assert lines.count(started) == 1, out[-3000:]
-    flagged = [ln for ln in views if "| 2 train " in ln and f"⚠ NaN/Inf loss since step {NAN_STEP}" in ln]
+    flagged = [ln for ln in views if "| 2 train " in ln and f"⚠ NaN loss since step {NAN_STEP}" in ln]
     assert flagged and all(ln.endswith("| 1 rank with anomalies: 2 (nonfinite)") for ln in flagged), views
     assert not any("⚠" in part for ln in views for part in ln.split(" | ") if not part.startswith("2 "))
 
