@@ -1,6 +1,8 @@
 """In-process anomaly detection: NaN/Inf, KL and loss spikes, loss plateaus, exploding gradients, stalls.
 
-``log()`` only appends the values of watched keys (``loss``, ``grad_norm``, ``kl``) to a queue;
+``log()`` only appends the values of watched keys (``loss``, ``grad_norm``, ``kl``) to a queue,
+and each logged distribution's mean and standard deviation to another (``drift_keys``, off by
+default: the ``distribution_drift`` check of :class:`otel_ml.detectors.DriftDetector`);
 :class:`AnomalyMonitor` runs the detectors on the export thread (every pump tick and before
 each collection), on values already read for export, so nothing forces a GPU sync. Each
 anomaly *episode* (from the first anomalous value to the first normal one) increments
@@ -35,6 +37,8 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from otel_ml import semconv
 from otel_ml._logging import logger, warn_once
 from otel_ml.anomaly_config import (
+    ALL_KEYS,
+    DISTRIBUTION_DRIFT,
     GRAD_EXPLOSION,
     KL_SPIKE,
     LOSS_PLATEAU,
@@ -44,10 +48,12 @@ from otel_ml.anomaly_config import (
     TYPES,
     AnomalyConfig,
 )
-from otel_ml.detectors import ExplosionDetector, PlateauDetector, SpikeDetector
+from otel_ml.detectors import DriftDetector, ExplosionDetector, PlateauDetector, SpikeDetector
 
 #: Keys whose values the detectors read.
 WATCHED = frozenset({"loss", "grad_norm", "kl"})
+#: Distribution keys the drift check follows at most (each keeps its own history).
+MAX_DRIFT_KEYS = 64
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,8 @@ class AnomalyMonitor:
         self._flag_step = flag_step
         self._last_step_time = last_step_time or (lambda: None)
         self.observations: deque[tuple[int | None, str, float]] = deque(maxlen=100_000)
+        #: ``(step, key, mean, std)`` of every logged distribution (the drift check's input).
+        self.distributions: deque[tuple[int, str, float, float]] = deque(maxlen=10_000)
         self.active = dict.fromkeys(TYPES, 0)
         self.counts = dict.fromkeys(TYPES, 0)
         self.stop_requested: Anomaly | None = None
@@ -173,18 +181,47 @@ class AnomalyMonitor:
             ),
         }
         self._plateau = PlateauDetector(c.plateau_patience, c.plateau_tolerance)
+        self._drift: dict[str, DriftDetector] = {}
+        self._drifting: set[str] = set()
 
     def process(self) -> None:
         """Drain queued values through the detectors, then check for a stall."""
         if not self.config.anomaly_detection:
             self.observations.clear()
+            self.distributions.clear()
             return
         with self._lock:
             observations = self.observations
             for _ in range(len(observations)):
                 step, key, value = observations.popleft()
                 self._observe(step, key, value)
+            distributions = self.distributions
+            for _ in range(len(distributions)):
+                self._observe_distribution(*distributions.popleft())
             self._check_stall()
+
+    def _observe_distribution(self, step: int, key: str, mean: float, std: float) -> None:
+        keys = self.config.drift_keys
+        if key not in keys and ALL_KEYS not in keys:
+            return
+        detector = self._drift.get(key)
+        if detector is None:
+            if len(self._drift) >= MAX_DRIFT_KEYS:
+                return
+            c = self.config
+            detector = self._drift[key] = DriftDetector(
+                c.drift_window, c.drift_zscore, c.drift_spread_fraction
+            )
+        if detector.observe(mean, std):
+            self._drifting.add(key)
+            message = (
+                f"{key} at step {step}: {detector.reason}" if not self.active[DISTRIBUTION_DRIFT] else ""
+            )
+            self._set(DISTRIBUTION_DRIFT, True, step, key, mean, message)
+        elif key in self._drifting:
+            self._drifting.discard(key)
+            if not self._drifting:
+                self._set(DISTRIBUTION_DRIFT, False, step, key, mean, "")
 
     def _observe(self, step: int | None, key: str, value: float) -> None:
         if not math.isfinite(value):

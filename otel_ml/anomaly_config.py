@@ -18,14 +18,17 @@ from typing import Any
 from otel_ml import _envparse as p
 from otel_ml._settings import option, resolve_values
 
-NONFINITE, KL_SPIKE, LOSS_SPIKE, LOSS_PLATEAU, GRAD_EXPLOSION, STALL = TYPES = (
+NONFINITE, KL_SPIKE, LOSS_SPIKE, LOSS_PLATEAU, GRAD_EXPLOSION, STALL, DISTRIBUTION_DRIFT = TYPES = (
     "nonfinite",
     "kl_spike",
     "loss_spike",
     "loss_plateau",
     "grad_explosion",
     "stall",
+    "distribution_drift",
 )
+#: ``drift_keys`` entry that watches every distribution.
+ALL_KEYS = "*"
 
 
 def _types(raw: str) -> tuple[str, ...]:
@@ -34,6 +37,10 @@ def _types(raw: str) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"unknown anomaly type(s) {', '.join(bad)}; known: {', '.join(TYPES)}")
     return chosen
+
+
+def _keys(raw: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in raw.split(",") if k.strip())
 
 
 @dataclass
@@ -115,6 +122,41 @@ class AnomalyConfig:
             "Gradient norm above this times its rolling mean explodes (0: off).",
         ),
     )
+    drift_keys: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            ("OTEL_ML_DRIFT_KEYS",),
+            _keys,
+            "Distributions (log() keys, comma-separated; `*` for all) whose mean collapsing or spread "
+            "going to zero is a `distribution_drift`.",
+            "none (off)",
+        ),
+    )
+    drift_window: int = field(
+        default=100,
+        metadata=option(
+            ("OTEL_ML_DRIFT_WINDOW",),
+            p.int_parser(2),
+            "Logged steps of a distribution in the drift check's rolling history (it waits 20 first).",
+        ),
+    )
+    drift_zscore: float = field(
+        default=6.0,
+        metadata=option(
+            ("OTEL_ML_DRIFT_ZSCORE",),
+            p.seconds_parser(1, 0.0),
+            "A distribution's mean this many standard deviations of its recent means (and half its "
+            "median spread) from their average drifts (0: off).",
+        ),
+    )
+    drift_spread_fraction: float = field(
+        default=0.1,
+        metadata=option(
+            ("OTEL_ML_DRIFT_SPREAD_FRACTION",),
+            p.seconds_parser(1, 0.0),
+            "A distribution's standard deviation below this fraction of its recent median drifts (0: off).",
+        ),
+    )
     stall_seconds: float = field(
         default=600.0,
         metadata=option(
@@ -130,4 +172,7 @@ class AnomalyConfig:
         if "stop_on" in values:
             chosen = values["stop_on"]
             values["stop_on"] = _types(chosen) if isinstance(chosen, str) else _types(",".join(chosen))
+        if "drift_keys" in values:
+            chosen = values["drift_keys"]
+            values["drift_keys"] = _keys(chosen) if isinstance(chosen, str) else tuple(str(k) for k in chosen)
         return cls(**values)

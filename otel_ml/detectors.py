@@ -145,3 +145,64 @@ class ExplosionDetector:
             return True
         self.stats.add(value)
         return False
+
+
+class DriftDetector:
+    """A distribution's per-step ``(mean, std)`` drifts when, after ``warmup`` steps, either
+
+    * the **mean leaves its band**: farther than ``zscore`` standard deviations of the last
+      ``window`` means from their average, and farther than ``min_shift`` times their median
+      spread (so a run whose means barely vary is not flagged for noise), or
+    * the **spread collapses**: ``std`` below ``spread_fraction`` of the median ``std`` of the
+      last ``window`` steps (every sample scored alike: mode collapse, a constant reward).
+
+    ``zscore=0`` or ``spread_fraction=0`` turns that half off. Drifted steps stay out of the
+    history, so a collapse that persists stays flagged; :attr:`reason` says what was seen.
+
+    Example::
+
+        d = DriftDetector(window=50, warmup=10)
+        [d.observe(1.0 + 0.1 * (i % 3), 1.0) for i in range(30)]
+        d.observe(1.0, 0.01), d.reason   # (True, 'spread 0.01 below 0.1 x its median 1')
+    """
+
+    def __init__(
+        self,
+        window: int = 100,
+        zscore: float = 6.0,
+        spread_fraction: float = 0.1,
+        warmup: int = 20,
+        min_shift: float = 0.5,
+    ) -> None:
+        self.means = RollingStats(window)
+        self.zscore = zscore
+        self.spread_fraction = spread_fraction
+        self.warmup = min(warmup, window)
+        self.min_shift = min_shift
+        self._stds: deque[float] = deque(maxlen=window)
+        self.reason = ""
+
+    def median_std(self) -> float:
+        ordered = sorted(self._stds)
+        n = len(ordered)
+        if n == 0:
+            return math.nan
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+    def observe(self, mean: float, std: float) -> bool:
+        self.reason = ""
+        if not (math.isfinite(mean) and math.isfinite(std)):
+            return False
+        if len(self.means) >= self.warmup:
+            spread = self.median_std()
+            if self.spread_fraction > 0 and spread > 0 and std < self.spread_fraction * spread:
+                self.reason = f"spread {std:.3g} below {self.spread_fraction:g} x its median {spread:.3g}"
+                return True
+            centre = self.means.mean
+            band = max(self.zscore * self.means.std, self.min_shift * spread, 1e-12 * abs(centre))
+            if self.zscore > 0 and abs(mean - centre) > band:
+                self.reason = f"mean {mean:.6g} left its band {centre:.6g} +- {band:.3g}"
+                return True
+        self.means.add(mean)
+        self._stds.append(std)
+        return False

@@ -183,6 +183,7 @@ class Telemetry:
             self.attributes,
             collection=collection,
             watch=(WATCHED, anomalies.observations),
+            watch_distributions=anomalies.distributions,
             window=cfg.throughput_window,
             max_keys=cfg.max_metric_keys,
             distribution_buckets=cfg.distribution_buckets,

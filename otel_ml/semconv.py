@@ -310,7 +310,8 @@ ANOMALIES = MetricSpec(
     "otel_ml_anomalies",
     "{episode}",
     "counter",
-    "Anomaly episodes by type: nonfinite, kl_spike, loss_spike, loss_plateau, grad_explosion, stall.",
+    "Anomaly episodes by type: nonfinite, kl_spike, loss_spike, loss_plateau, grad_explosion, stall, "
+    "distribution_drift.",
     "in-process detectors",
     (LABEL_TYPE,),
 )

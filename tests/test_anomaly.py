@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import urllib.request
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -12,9 +13,9 @@ import otel_ml
 from otel_ml.anomaly import TYPES, AnomalyConfig, AnomalyError, AnomalyMonitor
 from otel_ml.collection import Collection, PullReader
 from otel_ml.config import Config
-from otel_ml.detectors import ExplosionDetector, PlateauDetector, RollingStats, SpikeDetector
+from otel_ml.detectors import DriftDetector, ExplosionDetector, PlateauDetector, RollingStats, SpikeDetector
 from tests.support.clock import FakeClock
-from tests.support.metrics import points, value
+from tests.support.metrics import parse_exposition, points, value
 
 
 def test_rolling_stats_match_the_window():
@@ -246,3 +247,119 @@ def test_episodes_record_first_and_last_step_count_and_end():
     (ended,) = monitor.episodes()
     assert not ended["active"] and ended["end_time"] > ended["start_time"]
     assert ended["last_step"] == 302
+
+
+# Distribution drift: the mean leaving its band, the spread collapsing ----------------------------
+
+
+def _healthy(step: int) -> tuple[float, float]:
+    """A reward distribution's (mean, std) of a healthy run: slowly rising mean, steady spread."""
+    return 0.5 + 0.002 * step + 0.02 * ((step * 7) % 5 - 2), 1.0 + 0.05 * ((step * 3) % 4)
+
+
+def test_drift_detector_stays_quiet_on_a_healthy_run_and_during_warmup():
+    drift = DriftDetector(window=50, warmup=20)
+    assert not any(drift.observe(*_healthy(step)) for step in range(300))
+    early = DriftDetector(warmup=20)
+    assert not any(early.observe(mean, 0.0 if i == 5 else 1.0) for i, mean in enumerate([1.0] * 10 + [9.0]))
+
+
+def test_drift_detector_flags_a_collapsing_spread_until_it_recovers():
+    drift = DriftDetector(window=50, warmup=20, spread_fraction=0.1)
+    for step in range(60):
+        drift.observe(*_healthy(step))
+    assert not drift.observe(0.6, 0.2)  # narrower, not collapsed
+    assert drift.observe(0.6, 0.05) and "spread" in drift.reason
+    assert drift.observe(0.6, 0.0)  # persists: the collapsed steps did not become the norm
+    assert not drift.observe(*_healthy(61))
+    assert not DriftDetector(warmup=20, spread_fraction=0).observe(0.6, 0.0)
+
+
+def test_drift_detector_flags_the_mean_leaving_its_band_in_either_direction():
+    for jump in (-2.0, 3.0):
+        drift = DriftDetector(window=50, warmup=20, zscore=6.0)
+        for step in range(60):
+            drift.observe(*_healthy(step))
+        assert drift.observe(_healthy(60)[0] + jump, 1.0) and "mean" in drift.reason
+    quiet = DriftDetector(window=50, warmup=20, zscore=0, spread_fraction=0)
+    for step in range(60):
+        quiet.observe(*_healthy(step))
+    assert not quiet.observe(100.0, 0.0)
+
+
+def test_drift_detector_needs_more_than_noise_when_the_means_barely_vary():
+    drift = DriftDetector(window=50, warmup=20, min_shift=0.5)
+    for _ in range(40):
+        drift.observe(2.0, 1.0)  # identical means: their own band is zero wide
+    assert not drift.observe(2.3, 1.0)  # within half the typical spread
+    assert drift.observe(2.6, 1.0)
+
+
+def test_distribution_drift_is_off_by_default_and_watches_only_the_keys_it_is_given():
+    off, _, _, _ = _monitor()
+    on, _, flagged, _ = _monitor(drift_keys=("reward",), drift_window=50)
+    for monitor in (off, on):
+        for step in range(60):
+            monitor.distributions.append((step, "reward", *_healthy(step)))
+            monitor.distributions.append((step, "score", *_healthy(step)))
+        monitor.distributions.append((60, "score", 0.6, 0.0))  # a collapse of an unwatched key
+        monitor.process()
+        assert monitor.counts["distribution_drift"] == 0 and not monitor.distributions
+        monitor.distributions.append((61, "reward", 0.6, 0.0))
+        monitor.process()
+    assert off.counts["distribution_drift"] == 0 and off.active["distribution_drift"] == 0
+    assert on.counts["distribution_drift"] == 1 and on.active["distribution_drift"] == 1
+    (episode,) = on.episodes()
+    assert (episode["key"], episode["first_step"], episode["type"]) == ("reward", 61, "distribution_drift")
+    assert [f[0] for f in flagged] == [61]
+
+
+def test_a_drift_episode_lasts_while_any_watched_key_drifts():
+    monitor, _, _, _ = _monitor(drift_keys=("*",), drift_window=50)
+    for step in range(60):
+        for key in ("reward", "score"):
+            monitor.distributions.append((step, key, *_healthy(step)))
+    monitor.distributions.append((60, "reward", 0.6, 0.0))
+    monitor.distributions.append((60, "score", 0.6, 0.0))
+    monitor.distributions.append((61, "reward", *_healthy(61)))  # reward recovered, score not
+    monitor.process()
+    assert monitor.active["distribution_drift"] == 1 and monitor.counts["distribution_drift"] == 1
+    monitor.distributions.append((62, "score", *_healthy(62)))
+    monitor.process()
+    assert monitor.active["distribution_drift"] == 0 and monitor.counts["distribution_drift"] == 1
+
+
+def test_drift_options_from_env_and_kwargs(caplog):
+    env = {"OTEL_ML_DRIFT_KEYS": "reward, score", "OTEL_ML_DRIFT_WINDOW": "30", "OTEL_ML_DRIFT_ZSCORE": "4"}
+    cfg = Config.resolve(env=env, drift_spread_fraction=0.2).anomalies
+    assert (cfg.drift_keys, cfg.drift_window, cfg.drift_zscore, cfg.drift_spread_fraction) == (
+        ("reward", "score"), 30, 4.0, 0.2,
+    )  # fmt: skip
+    assert Config.resolve(env={}, drift_keys="reward").anomalies.drift_keys == ("reward",)
+    assert Config.resolve(env={}).anomalies.drift_keys == ()
+    with caplog.at_level(logging.WARNING, logger="otel_ml"):
+        assert Config.resolve(env={"OTEL_ML_DRIFT_WINDOW": "1"}).anomalies.drift_window == 100
+    assert "OTEL_ML_DRIFT_WINDOW" in caplog.text
+    assert Config.resolve(env={}, stop_on=["distribution_drift"]).anomalies.stop_on == ("distribution_drift",)
+
+
+def test_logged_rewards_reach_the_drift_check_on_the_export_thread(tmp_path):
+    t = otel_ml.init(
+        prometheus_port=0, run_dir=str(tmp_path), run_id="d", drift_keys=["reward"], drift_window=30,
+        set_global_providers=False,
+    )  # fmt: skip
+    try:
+        for step in range(40):
+            mean, std = _healthy(step)
+            otel_ml.log(step, reward=[mean - std, mean + std])
+        otel_ml.log(40, reward=[0.6, 0.6, 0.6, 0.6])  # every rollout scored alike
+        t.flush(timeout=5)
+        with urllib.request.urlopen(t.metrics_url, timeout=10) as response:
+            got = parse_exposition(response.read().decode())
+        (episode,) = t.anomalies.episodes()
+    finally:
+        t.shutdown()
+    labels = {"type": "distribution_drift", "rank": "0", "run_id": "d"}
+    assert [v for lab, v in got["otel_ml_anomaly_active"] if labels.items() <= lab.items()] == [1]
+    assert [v for lab, v in got["otel_ml_anomalies_total"] if labels.items() <= lab.items()] == [1]
+    assert episode["key"] == "reward" and episode["first_step"] == 40
