@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from otel_ml._logging import logger, warn_once
+from otel_ml.config import Config
 from otel_ml.distribution import Summary, host_values, summarize
 from otel_ml.exporters._worker import THREAD_PREFIX
 from otel_ml.exporters.files import _RotatingFile
@@ -117,12 +118,10 @@ class _RecordWriter:
 
     def put(self, records: list[dict[str, Any]]) -> None:
         with self._cond:
-            room = MAX_QUEUED_RECORDS - len(self._queue)
-            if self._disabled or room < len(records):
-                self._health.dropped(
-                    "scores", len(records) if self._disabled else len(records) - max(0, room)
-                )
-                records = [] if self._disabled else records[: max(0, room)]
+            room = 0 if self._disabled else max(0, MAX_QUEUED_RECORDS - len(self._queue))
+            if len(records) > room:
+                self._health.dropped("scores", len(records) - room)
+                records = records[:room]
             self._queue.extend(records)
             self._cond.notify()
 
@@ -203,7 +202,8 @@ class Scores:
     none), ``desc`` also to the summary line when it differs from ``name``;
     ``show`` overrides ``score_print``; ``width`` cuts texts on the terminal; ``digits`` is the
     precision of printed numbers; ``file=False`` writes no file. ``telemetry`` and ``stream``
-    (default: the running instance, ``sys.stdout``) are injectable.
+    (default: the running instance, ``sys.stdout``) are injectable. One thread adds to a scorer;
+    scorers of one process may run side by side (they share the rank's file).
 
     Example::
 
@@ -234,14 +234,19 @@ class Scores:
         telemetry = telemetry if telemetry is not None else get_telemetry()
         if telemetry is not None and (telemetry.closed or telemetry.training is None):
             telemetry = None
-        config = telemetry.config if telemetry is not None else None
-        show = show if show is not None else (config.score_print if config is not None else "batch")
+        config = telemetry.config if telemetry is not None else Config.resolve()
+        show = config.score_print if show is None else show
         if show not in SHOW_MODES:
             raise ValueError(f"otel_ml.scores: show must be one of {', '.join(SHOW_MODES)}, not {show!r}")
+        if not (isinstance(width, int) and width >= 4 and isinstance(digits, int) and 0 <= digits <= 12):
+            raise ValueError(
+                f"otel_ml.scores: width must be >= 4 and digits 0..12, not {width!r}, {digits!r}"
+            )
         self.name, self.show = name, show
         self._width, self._digits, self._label = width, digits, label
         self._stream = stream if stream is not None else sys.stdout
         self._telemetry = telemetry
+        self._shutdown_timeout = config.shutdown_timeout
         self._batches = 0
         self._closed = False
         self.summary = ScoreSummary(name)
@@ -353,8 +358,7 @@ class Scores:
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
-            config = self._telemetry.config if self._telemetry is not None else None
-            limit = timeout if timeout is not None else (config.shutdown_timeout if config else 5.0)
+            limit = self._shutdown_timeout if timeout is None else timeout
             started = time.monotonic()
             if not _release_writer(self._writer, limit):
                 logger.warning(

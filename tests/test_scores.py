@@ -228,13 +228,14 @@ def test_texts_are_one_truncated_line_on_the_terminal_and_kept_in_the_file(telem
 
 def test_before_init_it_prints_and_says_once_that_nothing_is_exported(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OTEL_ML_SCORE_PRINT", "sample")  # the option still applies
     out = io.StringIO()
     with caplog.at_level(logging.WARNING, logger="otel_ml"):
         for _ in range(2):
-            with otel_ml.scores(show="batch", stream=out) as scorer:
+            with otel_ml.scores(stream=out) as scorer:
                 scorer.add([1.0, 3.0])
     assert scorer.path is None and list(tmp_path.iterdir()) == []
-    assert [m[5] for m in _lines(out)["batch"]] == ["2.000", "2.000"]
+    assert [m[5] for m in _lines(out)["batch"]] == ["2.000", "2.000"] and len(_lines(out)["sample"]) == 4
     assert caplog.text.count("init() was not called") == 1
     assert scorer.summary.count == 2
 
@@ -247,6 +248,8 @@ def test_bad_input_is_a_clear_error(telemetry):
             scorer.add([1.0, 2.0, 3.0], ids=["a", "b"])
         with pytest.raises(ValueError, match="show must be one of"):
             otel_ml.scores(show="loud", telemetry=telemetry)
+        with pytest.raises(ValueError, match=r"digits 0\.\.12"):
+            otel_ml.scores(digits=-1, telemetry=telemetry)
     with pytest.raises(ValueError, match="closed"):
         scorer.add([1.0])
     assert scorer.summary.samples == 0
