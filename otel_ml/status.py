@@ -2,14 +2,12 @@
 
 The document says how the rank is doing or how it ended, without a server::
 
-    {"schema": 1, "rank": 2, "run_id": "r", "pid": 4242, "host": "node-1",
-     "state": "failed", "error": {"type": "ValueError", "message": "bad batch"}, "signal": null,
-     "start_time": 1764700000.0, "last_step_time": 1764700031.2, "updated_time": 1764700031.9,
-     "end_time": 1764700031.9, "step": 300, "loss": 0.61, "steps_per_second": 9.7,
-     "progress": {"task": "train", "unit": "step", "completed": 301, "total": 600, "rate": 9.8,
-                  "eta_seconds": 30.5, "open": true},
-     "timing": {"steps": 300, "step_ms": 103.1, "regions_ms": {"forward": 20.4, "backward": 70.2}},
-     "anomalies": [{"type": "nonfinite", "key": "loss", "first_step": 300, "last_step": 300, ...}]}
+    {"schema": 1, "rank": 2, "run_id": "r", "pid": 4242, "host": "node-1", "state": "failed",
+     "error": {"type": "ValueError", "message": "bad batch"}, "signal": null, "start_time": ...,
+     "last_step_time": ..., "updated_time": ..., "end_time": ..., "step": 300, "loss": 0.61,
+     "steps_per_second": 9.7, "progress": {"task": "train", "unit": "step", "completed": 301,
+     "total": 600, "rate": 9.8, "eta_seconds": 30.5, "open": true}, "timing": {"steps": 300,
+     "step_ms": 103.1, "regions_ms": {"forward": 20.4}}, "anomalies": [{"type": "nonfinite", ...}]}
 
 ``state`` is ``running`` while the process lives, then ``completed`` (otel_ml shut down without
 an uncaught exception or signal), ``failed`` (an uncaught exception: ``error`` has its type and
@@ -226,6 +224,12 @@ class StatusBuilder:
             return None
         return (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0])
 
+    def observe(self, bars: Sequence[Mapping[str, Any]], step: int | None, at: float | None) -> None:
+        """Remember the top-level bar and the step between documents (every pump tick), so that a
+        bar closed just before exit is reported as it last was, not as of the previous write."""
+        self._progress(bars)
+        self._rate(step, at)
+
     def _progress(self, bars: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         row = top_bar(bars)
         if row is not None:
@@ -313,23 +317,32 @@ class StatusWriter:
         self._next = -math.inf
         self._lock = threading.RLock()  # a signal handler may write while this thread writes
 
-    def sample(self) -> Sample:
-        """What the sources say now."""
-        training = self._training
+    def sample(self, full: bool = True) -> Sample:
+        """What the sources say now (only bars and step unless ``full``)."""
+        training, anomalies, regions = self._training, self._anomalies, self._regions
         return Sample(
             bars=[r.as_dict() for r in self._board.snapshot()] if self._board is not None else [],
             step=None if training is None else training.step,
             last_step_time=None if training is None else training.last_log_time,
-            loss=None if training is None else training.latest("loss"),
-            episodes=[] if self._anomalies is None else self._anomalies.episodes(),
-            timing=None if self._regions is None else timing_of(self._regions),
+            loss=None if training is None or not full else training.latest("loss"),
+            episodes=[] if anomalies is None or not full else anomalies.episodes(),
+            timing=None if regions is None or not full else timing_of(regions),
         )
 
     def tick(self) -> None:
-        """Write when ``interval`` seconds have passed since the last write (a pump job)."""
-        if self.finished or self._mono() < self._next:
+        """Write when ``interval`` seconds have passed since the last write, else only look at
+        the top-level bar and the step (a pump job: every second)."""
+        if self.finished or os.getpid() != self._pid:
             return
-        self.write()
+        if self._mono() >= self._next:
+            self.write()
+            return
+        try:
+            with self._lock:
+                sample = self.sample(full=False)
+                self.builder.observe(sample.bars, sample.step, sample.last_step_time)
+        except Exception as exc:  # noqa: BLE001 - the next write reports the source's failure
+            warn_once("status-observe", "otel_ml: status.json could not read its sources: %r", exc)
 
     def write(self) -> bool:
         """Write the document now; False when it could not be (logged once, counted)."""

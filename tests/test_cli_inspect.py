@@ -140,3 +140,6 @@ def test_a_real_run_reports_completed_with_its_bar(tmp_path, capsys):
     assert main(["inspect", "--json", str(t.run_dir)]) == 0
     (rank,) = json.loads(capsys.readouterr().out)["ranks"]
     assert (rank["state"], rank["step"], rank["completed"], rank["total"]) == ("completed", 3, 4.0, 10.0)
+    assert rank["bar_open"] is False
+    assert main(["inspect", str(t.run_dir)]) == 0
+    assert "step 3 (bar closed, last seen at 4/10 it);" in capsys.readouterr().out

@@ -170,6 +170,29 @@ def test_tick_writes_at_once_then_only_after_the_interval(tmp_path):
     assert read_status(tmp_path / "rank-3")["step"] == 8 and writer.writes == 2
 
 
+class Board:
+    def __init__(self) -> None:
+        self.rows: list[BarSnapshot] = []
+
+    def snapshot(self) -> list[BarSnapshot]:
+        return list(self.rows)
+
+
+def test_ticks_between_writes_keep_the_bar_so_one_closed_before_exit_shows_its_last_count(tmp_path):
+    mono, board = Clock(0.0), Board()
+    writer = make_writer(tmp_path, interval=5.0, mono=mono, board=board)
+    board.rows = [BarSnapshot("train", "step", "", 10.0, 100.0, 2.0, 45.0, 5.0)]
+    writer.tick()
+    mono.now = 4.0
+    board.rows = [BarSnapshot("train", "step", "", 99.0, 100.0, 2.0, 0.5, 5.0)]
+    writer.tick()  # not due: nothing written, the bar is remembered
+    assert read_status(tmp_path / "rank-3")["progress"]["completed"] == 10.0
+    board.rows = []  # the loop closed its bar, then the process shuts down
+    writer.finish()
+    progress = read_status(tmp_path / "rank-3")["progress"]
+    assert (progress["completed"], progress["open"], progress["eta_seconds"]) == (99.0, False, None)
+
+
 def test_the_file_is_user_only_and_a_reader_never_sees_half_a_document(tmp_path):
     writer = make_writer(tmp_path)
     episodes = [{"type": "loss_spike", "message": "m" * 400, "first_step": i} for i in range(100)]

@@ -67,6 +67,7 @@ def from_status(rank: int, status: Mapping[str, Any]) -> dict[str, Any]:
         "completed": progress.get("completed"),
         "total": progress.get("total"),
         "unit": progress.get("unit"),
+        "bar_open": progress.get("open"),
         "eta_seconds": progress.get("eta_seconds"),
         "loss": status.get("loss"),
         "throughput": rate,
@@ -109,6 +110,7 @@ def from_metrics(rank: int, document: Mapping[str, Any] | None) -> dict[str, Any
         "completed": None,
         "total": None,
         "unit": None,
+        "bar_open": None,
         "eta_seconds": None,
         "loss": values.get(semconv.LOSS.name),
         "throughput": rate,
@@ -190,7 +192,9 @@ def _steps(rank: Mapping[str, Any]) -> str:
     completed, total = rank.get("completed"), rank.get("total")
     if completed is not None:
         of = _number(total) if total is not None else "?"
-        text += f", {_number(completed)}/{of} {rank.get('unit') or ''}".rstrip()
+        counts = f"{_number(completed)}/{of} {rank.get('unit') or ''}".rstrip()
+        # A closed bar's counts are its last sample (up to a pump tick before it closed).
+        text += f" (bar closed, last seen at {counts})" if rank.get("bar_open") is False else f", {counts}"
     eta = rank.get("eta_seconds")
     return text + (f", ETA {eta:.0f} s" if eta is not None and rank.get("state") == "running" else "")
 
