@@ -245,6 +245,9 @@ class Scores:
         self.name, self.show = name, show
         self._width, self._digits, self._label = width, digits, label
         self._stream = stream if stream is not None else sys.stdout
+        # The running instance's console also draws rank 0's view and the timing table in place
+        # on stdout: writing through it keeps those blocks intact.
+        self._console = telemetry.console if telemetry is not None and stream is None else None
         self._telemetry = telemetry
         self._shutdown_timeout = config.shutdown_timeout
         self._batches = 0
@@ -327,6 +330,9 @@ class Scores:
         return batch
 
     def _print(self, lines: list[str]) -> None:
+        if self._console is not None:
+            self._console.write("\n".join(lines))
+            return
         try:
             tqdm.write("\n".join(lines), file=self._stream)
             self._stream.flush()

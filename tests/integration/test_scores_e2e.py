@@ -70,7 +70,6 @@ def _start(processes, tmp_path: Path) -> list[LiveChild]:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=master,
             OTEL_ML_RUN_ID=RUN_ID,
-            OTEL_ML_PROGRESS_VIEW="off",
         )
         children.append(LiveChild.start(processes, JOB, env=env, cwd=tmp_path))
     return children
