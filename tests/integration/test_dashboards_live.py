@@ -10,6 +10,7 @@ the run". The variable queries themselves (label_values) are checked to offer th
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import time
 from pathlib import Path
@@ -37,10 +38,12 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 RULE_FILES = sorted((REPO / "deploy" / "prometheus" / "rules").glob("*.yaml"))
-#: About 20 s of training, then about 6 s of inference (120 files per rank), then lingering.
-DEMO_ARGS = ["--ranks", "2", "--steps", "2000", "--files", "240", "--linger", "30"]
-#: Seconds from the start of the demo until every panel must have shown data.
-DEADLINE = 100.0
+#: About 10 s of training (a reward distribution every step), then about 6 s of inference (120
+#: files per rank, scored with otel_ml.scores), then lingering.
+DEMO_ARGS = ["--ranks", "2", "--steps", "1000", "--files", "240", "--linger", "30"]
+#: Seconds from the start of the demo until every panel must have shown data. The wait ends as soon
+#: as they all have; the margin is for a loaded machine (4x slower steps, 30 s to import torch).
+DEADLINE = 150.0
 
 #: Panels that cannot show data in this run, and why. Their queries must still be valid PromQL.
 NO_DATA_EXPECTED: dict[tuple[str, str], str] = {
@@ -51,10 +54,10 @@ NO_DATA_EXPECTED: dict[tuple[str, str], str] = {
     ("otel-ml-training", "GPU memory reserved / capacity"): (
         "CPU-only machine: otel_ml:gpu_memory_reserved:ratio has no input without CUDA"
     ),
-    (
-        "otel-ml-training",
-        "Reward",
-    ): "the demo logs no reward= (it logs kl=, so 'KL divergence' must have data)",
+    ("otel-ml-training", "Reward"): (
+        "the demo logs reward= as a distribution (one value per sequence; the Distribution row must have "
+        "data), not as a scalar, so otel_ml_reward does not exist ('KL divergence' covers scalar keys)"
+    ),
     ("otel-ml-training", "Active anomalies"): (
         "healthy run: no anomaly episode is expected (a rare loss spike may show one; not required)"
     ),
@@ -69,7 +72,7 @@ NOT_PROMQL: dict[tuple[str, str], str] = {
     ),
 }
 #: The value each selectable variable is set to, and the values its query must offer.
-VARIABLE_CHOICES = {"path": "forward", "task": "inference"}
+VARIABLE_CHOICES = {"path": "forward", "task": "inference", "distribution": "reward", "score": "score"}
 
 
 def _start_demo(processes, run_dir: Path, log: Path) -> subprocess.Popen:
@@ -94,6 +97,35 @@ def _label_values(prom: PrometheusServer, query: str, variables: dict[str, str],
     if selector:
         params["match[]"] = substitute(selector, variables)
     return prom.api(f"label/{label}/values", **params)
+
+
+def _check_heatmap_shares(query: PanelQuery, result: list[dict[str, Any]]) -> None:
+    """A distribution heatmap's series are cumulative shares per bucket bound: between 0 and 1,
+    growing with the bound, and 1 for +Inf at every moment (every element is in some bucket)."""
+    by_time: dict[float, dict[float, float]] = {}
+    for series in result:
+        bound = float(series["metric"]["le"])
+        for at, value in series["values"]:
+            by_time.setdefault(float(at), {})[bound] = float(value)
+    assert by_time, str(query)
+    for at, shares in by_time.items():
+        ordered = [shares[b] for b in sorted(shares)]
+        assert all(0.0 <= v <= 1.0 + 1e-9 for v in ordered), (str(query), at, shares)
+        # rate() extrapolates each bucket on its own at a series' start: allow a rounding's worth
+        assert all(b >= a - 1e-6 for a, b in itertools.pairwise(ordered)), (str(query), at, shares)
+        assert abs(shares[float("inf")] - 1.0) < 1e-9, (str(query), at, shares)
+
+
+def _check_band_order(band: dict[str, list[dict[str, Any]]]) -> None:
+    """min <= mean <= max for each rank at each moment all three were scraped."""
+    points = {
+        legend: {(s["metric"].get("rank"), at): float(v) for s in result for at, v in s["values"]}
+        for legend, result in band.items()
+    }
+    common = set(points["min"]) & set(points["mean"]) & set(points["max"])
+    assert common, sorted(points)
+    for key in common:
+        assert points["min"][key] <= points["mean"][key] <= points["max"][key], (key, points)
 
 
 def test_panel_lists_name_real_panels() -> None:
@@ -179,6 +211,18 @@ def test_every_panel_query_has_data_from_a_real_two_rank_run(processes, tmp_path
                 assert all(0.0 <= v <= 1.0 for v in values), (str(query), values[:20])
             if "ratio_to_median" in query.expr:
                 assert all(0.0 < v < 10.0 for v in values), (str(query), values[:20])
+        distributions = [q for q in required if "otel_ml_distribution" in q.expr]
+        assert {q.key[0] for q in distributions} == {"otel-ml-training", "otel-ml-inference"}
+        for query in distributions:
+            if query.target["format"] == "heatmap":
+                _check_heatmap_shares(query, final[id(query)])
+        for query in distributions:
+            if query.key == ("otel-ml-training", "$distribution min / mean / max, rank $rank"):
+                # the demo's reward is a share of tokens predicted right, one per sequence
+                values = [float(v) for series in final[id(query)] for _, v in series["values"]]
+                assert values and all(0.0 <= v <= 1.0 for v in values), (str(query), values[:20])
+        band = ("otel-ml-training", "$distribution min / mean / max, rank $rank")
+        _check_band_order({q.target["legendFormat"]: final[id(q)] for q in distributions if q.key == band})
         tasks = {
             series["metric"].get("task")
             for query in required
