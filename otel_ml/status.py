@@ -61,6 +61,8 @@ RATE_WINDOW = 60.0
 MAX_MESSAGE = 500
 #: The exporter label of failed status writes in ``otel_ml_export_errors_total``.
 HEALTH_KEY = "status"
+#: Seconds a write waits for another one before giving up (counted as a failure).
+LOCK_TIMEOUT = 2.0
 
 
 class BoardSource(Protocol):
@@ -106,14 +108,6 @@ class Sample:
     loss: float | None = None
     episodes: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, Any] | None = None
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _json_safe(value: Any) -> Any:
@@ -236,10 +230,10 @@ class StatusBuilder:
             self._bar = {
                 "task": str(row.get("task", "")),
                 "unit": str(row.get("unit", "")),
-                "completed": _finite(row.get("completed")),
-                "total": _finite(row.get("total")),
-                "rate": _finite(row.get("rate")),
-                "eta_seconds": _finite(row.get("eta")),
+                "completed": row.get("completed"),
+                "total": row.get("total"),
+                "rate": row.get("rate"),
+                "eta_seconds": row.get("eta"),
                 "open": True,
             }
             return dict(self._bar)
@@ -265,7 +259,7 @@ class StatusBuilder:
                 "updated_time": now,
                 "end_time": self.end_time,
                 "step": sample.step,
-                "loss": _finite(sample.loss),
+                "loss": sample.loss,
                 "steps_per_second": self._rate(sample.step, sample.last_step_time),
                 "progress": self._progress(sample.bars),
                 "timing": sample.timing,
@@ -348,20 +342,27 @@ class StatusWriter:
         """Write the document now; False when it could not be (logged once, counted)."""
         if os.getpid() != self._pid:
             return False  # a forked child (a DataLoader worker) is not this rank
-        with self._lock:
+        # Bounded: shutdown must not wait forever on a pump write stuck on a hung file system.
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT):
+            return self._failed(TimeoutError("another write is stuck"))
+        try:
             self._next = self._mono() + self.interval
-            try:
-                text = json.dumps(self.builder.document(self.sample()), indent=1, allow_nan=False)
-                write_private(self.path, text + "\n")
-            except Exception as exc:  # noqa: BLE001 - a status file must never break training
-                self.failures += 1
-                if self._health is not None:
-                    self._health.error(HEALTH_KEY)
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                warn_once("status-file", "otel_ml: could not write %s: %s (logged once)", self.path, reason)
-                return False
-            self.writes += 1
-            return True
+            text = json.dumps(self.builder.document(self.sample()), indent=1, allow_nan=False)
+            write_private(self.path, text + "\n")
+        except Exception as exc:  # noqa: BLE001 - a status file must never break training
+            return self._failed(exc)
+        finally:
+            self._lock.release()
+        self.writes += 1
+        return True
+
+    def _failed(self, exc: Exception) -> bool:
+        self.failures += 1
+        if self._health is not None:
+            self._health.error(HEALTH_KEY)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        warn_once("status-file", "otel_ml: could not write %s: %s (logged once)", self.path, reason)
+        return False
 
     def _end(self, state: str, **details: str | None) -> None:
         if self.builder.end(state, **details) and self.finished:
@@ -381,10 +382,9 @@ class StatusWriter:
 
     def finish(self) -> None:
         """The final write at shutdown: ``completed`` unless an ending was recorded before."""
-        with self._lock:
-            self.builder.end(COMPLETED)
-            self.write()
-            self.finished = True
+        self.builder.end(COMPLETED)
+        self.write()
+        self.finished = True
 
 
 def read_status(directory: Path) -> dict[str, Any] | None:

@@ -243,6 +243,31 @@ def test_a_source_that_raises_leaves_the_previous_file_intact(tmp_path):
     assert read_status(tmp_path / "rank-3")["step"] == 7
 
 
+def test_finish_gives_up_on_a_write_stuck_on_a_hung_file_system(tmp_path, monkeypatch):
+    from otel_ml import status
+
+    release, entered = threading.Event(), threading.Event()
+    real = status.write_private
+
+    def hung(path, text):
+        entered.set()
+        release.wait(10)
+        real(path, text)
+
+    monkeypatch.setattr(status, "LOCK_TIMEOUT", 0.1)
+    monkeypatch.setattr(status, "write_private", hung)
+    health = TelemetryHealth()
+    writer = make_writer(tmp_path, health=health)
+    pump = threading.Thread(target=writer.write)  # the pump's periodic write, stuck
+    pump.start()
+    assert entered.wait(5)
+    writer.finish()  # returns after LOCK_TIMEOUT instead of waiting for the stuck write
+    assert writer.failures == 1 and health.errors["status"] == 1
+    release.set()
+    pump.join(5)
+    assert read_status(tmp_path / "rank-3")["state"] == RUNNING  # what the stuck write had built
+
+
 def test_finish_writes_completed_and_a_later_uncaught_exception_rewrites_failed(tmp_path):
     writer = make_writer(tmp_path)
     writer.finish()
