@@ -43,6 +43,9 @@ from otel_ml.values import DeferredReads, UnusableValueError, tensor_type
 MAX_PENDING = 1024
 #: Bucket-bound tensors kept per (key, device): one per key on each device it was logged from.
 MAX_BOUNDS = 1024
+#: CPU tensors up to this size are summarised in Python (about 15 µs for 8 elements against
+#: about 85 µs of torch ops); larger ones by torch ops (6 ms for 100,000 elements, Python 70 ms).
+SMALL = 128
 
 
 class DistributionMetrics:
@@ -108,7 +111,11 @@ class DistributionMetrics:
             self._add(step, key, summarize([], self.bounds(key)))
             return
         if tensor.is_cpu:
-            self._add(step, key, summarize_cpu(tensor, self._bounds_for(key, tensor)))
+            if elements <= SMALL:
+                summary = summarize(host_values(tensor), self.bounds(key))
+            else:
+                summary = summarize_cpu(tensor, self._bounds_for(key, tensor))
+            self._add(step, key, summary)
             return
         if not tensor.is_cuda:
             raise UnusableValueError(f"{tensor.device} tensor: distributions are read on CPU or CUDA")

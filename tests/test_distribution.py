@@ -10,7 +10,7 @@ import pytest
 import torch
 from opentelemetry.sdk.metrics import MeterProvider
 
-from otel_ml import semconv
+from otel_ml import distribution_metrics, semconv
 from otel_ml.collection import Collection
 from otel_ml.distribution import DEFAULT_BUCKETS, host_values, is_distribution, summarize
 from otel_ml.exporters.exposition import ExpositionReader
@@ -145,10 +145,12 @@ def _same_summary(got, want):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_a_cpu_tensor_gets_the_summary_of_the_pure_calculator(scrape, dtype):
+@pytest.mark.parametrize("repeat", [1, 40], ids=["small-python", "large-torch-ops"])
+def test_a_cpu_tensor_gets_the_summary_of_the_pure_calculator(scrape, dtype, repeat):
     tm, _ = scrape
-    values = torch.tensor(MIXED, dtype=dtype)
-    tm.log(1, {"reward": values.reshape(3, 4)})
+    values = torch.tensor(MIXED * repeat, dtype=dtype) * torch.linspace(0.5, 1.5, 12 * repeat, dtype=dtype)
+    assert (values.numel() > distribution_metrics.SMALL) == (repeat > 1)
+    tm.log(1, {"reward": values.reshape(-1, 4)})
     _same_summary(tm.distributions.last("reward"), summarize([float(v) for v in values.tolist()]))
 
 
