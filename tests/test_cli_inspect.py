@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,21 @@ def test_a_real_run_reports_completed_with_its_bar(tmp_path, capsys):
     assert rank["bar_open"] is False
     assert main(["inspect", str(t.run_dir)]) == 0
     assert "step 3 (bar closed, last seen at 4/10 it);" in capsys.readouterr().out
+
+
+def test_a_running_rank_whose_process_is_gone_or_silent_is_shown_as_running_with_a_question(tmp_path):
+    host = socket.gethostname()
+    gone = {**status_doc(0), "host": host, "pid": 111, "updated_time": 1000.0}
+    silent = {**status_doc(1), "host": host, "pid": 222, "updated_time": 900.0}
+    elsewhere = {**status_doc(2), "host": "other-node", "pid": 333, "updated_time": 999.0}
+    done = {**status_doc(3, state="completed"), "host": host, "pid": 111, "updated_time": 10.0}
+    run = write_run(tmp_path, [gone, silent, elsewhere, done])
+    document = inspect.report(run, now=1030.0, alive=lambda pid: pid != 111)
+    ranks = document["ranks"]
+    assert [(r["stale_seconds"], r["process_alive"]) for r in ranks] == [
+        (30.0, False), (130.0, True), (31.0, None), (None, None)
+    ]  # fmt: skip
+    lines = inspect.render(document)
+    assert lines[0].startswith("rank 0: running? (its process is gone, last update 30 s ago")
+    assert lines[2].startswith("rank 1: running? (no update for 130 s);")
+    assert lines[4].startswith("rank 2: running;") and lines[6].startswith("rank 3: completed;")

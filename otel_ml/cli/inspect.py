@@ -4,9 +4,11 @@ Per rank it reads ``status.json`` (:mod:`otel_ml.status`); for a rank without on
 or ``status_interval=0``) it falls back to the newest line of its metrics files
 (:mod:`otel_ml.offline.runfiles`), which know step, loss, throughput and the anomaly counts, not
 the state or the anomalies' steps. It prints, per rank, state, steps, last loss, throughput and
-anomalies with their first and last steps, then names the slowest rank: the one whose top-level
-region takes the most time per step above the other ranks' median (at least 10% of a step, with
-three ranks or more), else the lowest throughput when it is at least 5% below the median.
+anomalies with their first and last steps (a ``running`` rank whose process is gone, or whose
+file has not changed for a minute, is shown as ``running?``), then names the slowest rank: the
+one whose top-level region takes the most time per step above the other ranks' median (at least
+10% of a step, with three ranks or more), else the lowest throughput when it is at least 5%
+below the median.
 ``--json`` prints the same report as one JSON document::
 
     {"run_dir": "...", "ranks": [{"rank": 0, "source": "status", "state": "completed",
@@ -24,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,8 @@ STRAGGLER_SHARE = 0.10
 STRAGGLER_MIN_RANKS = 3
 #: A throughput this far below the median names the rank slowest.
 RATE_SHORTFALL = 0.05
+#: Seconds without a rewrite after which a ``running`` file is called stale (default interval: 5 s).
+STALE_AFTER = 60.0
 
 
 def _episode(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,8 +156,35 @@ def slowest(ranks: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     return {"rank": int(low["rank"]), "reason": reason}
 
 
-def report(run_dir: Path) -> dict[str, Any]:
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process has that pid now: it exists
+    return True
+
+
+def liveness(
+    status: Mapping[str, Any], now: float, host: str, alive: Callable[[int], bool] = pid_alive
+) -> tuple[float | None, bool | None]:
+    """Seconds since a running rank last rewrote its file, and whether its process still exists
+    (None when it ran on another host, or the document is not ``running``)."""
+    if status.get("state") != "running" or not isinstance(status.get("updated_time"), (int, float)):
+        return None, None
+    age = max(0.0, now - float(status["updated_time"]))
+    pid = status.get("pid")
+    same_host = status.get("host") == host and isinstance(pid, int)
+    return age, (alive(pid) if same_host else None)
+
+
+def report(
+    run_dir: Path, now: float | None = None, alive: Callable[[int], bool] = pid_alive
+) -> dict[str, Any]:
     """The inspect report of a run dir (what ``--json`` prints)."""
+    now = time.time() if now is None else now
+    host = socket.gethostname()
     problems: list[Problem] = []
     ranks = []
     for directory in rank_dirs(run_dir):
@@ -161,7 +195,8 @@ def report(run_dir: Path) -> dict[str, Any]:
             problems.append(Problem(directory, 0, f"status.json unreadable ({exc}); using the metrics files"))
             status = None
         if status is not None:
-            ranks.append(from_status(rank, status))
+            age, process_alive = liveness(status, now, host, alive)
+            ranks.append({**from_status(rank, status), "stale_seconds": age, "process_alive": process_alive})
         else:
             ranks.append(from_metrics(rank, newest_document(directory, "metrics", problems)))
     return {
@@ -184,6 +219,10 @@ def _state(rank: Mapping[str, Any]) -> str:
     if state == "failed" and error:
         message = f": {error.get('message')}" if error.get("message") else ""
         return f"failed ({error.get('type')}{message})"
+    if state == "running" and rank.get("process_alive") is False:
+        return f"running? (its process is gone, last update {rank['stale_seconds']:.0f} s ago: SIGKILL, OOM?)"
+    if state == "running" and (rank.get("stale_seconds") or 0) > STALE_AFTER:
+        return f"running? (no update for {rank['stale_seconds']:.0f} s)"
     return f"terminated ({signal})" if state == "terminated" and signal else str(state)
 
 

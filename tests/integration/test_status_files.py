@@ -2,7 +2,7 @@
 
 Each test runs a small training script with the venv's Python (as a user would), configured
 through the environment, and reads the rank's status file while it runs and after it ended: a
-normal run, an uncaught exception, SIGTERM, SIGINT, a NaN loss from step K, and a torchrun job
+normal run, an uncaught exception, SIGTERM, SIGINT, SIGKILL, a NaN loss from step K, and a torchrun job
 whose rank 1 raises out of its ``@record`` main while rank 0 goes on until torchrun stops it.
 """
 
@@ -141,6 +141,22 @@ def test_sigint_still_raises_keyboard_interrupt_and_ends_terminated(processes, t
     assert "KeyboardInterrupt" in child.output
     status = status_of(tmp_path)
     assert (status["state"], status["signal"]) == ("terminated", "SIGINT")
+
+
+def test_a_sigkilled_rank_stays_running_and_inspect_says_its_process_is_gone(processes, tmp_path):
+    child = _waiting_child(processes, tmp_path)
+    os.kill(child.pid, signal.SIGKILL)
+    assert child.wait_exit(30) == -signal.SIGKILL
+    assert status_of(tmp_path)["state"] == "running"  # nothing runs after SIGKILL
+    report = subprocess.run(
+        [sys.executable, "-m", "otel_ml.cli", "inspect", "--json", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (rank,) = json.loads(report.stdout)["ranks"]
+    assert (rank["state"], rank["process_alive"]) == ("running", False)
 
 
 def test_inspect_json_names_the_nonfinite_anomaly_with_its_first_step(processes, tmp_path):
