@@ -36,12 +36,12 @@ from otel_ml._logging import warn_once
 from otel_ml.distribution import DEFAULT_BUCKETS, Summary, from_reduction, host_values, summarize
 from otel_ml.health import TelemetryHealth
 from otel_ml.histogram import LabeledHistograms
-from otel_ml.tensor_summary import bounds_on, check_tensor, defer_cuda, summarize_cpu
+from otel_ml.tensor_summary import bounds_on, check_tensor, defer_cuda, summarize_cpu, working_dtype
 from otel_ml.values import DeferredReads, UnusableValueError, tensor_type
 
 #: CUDA distributions waiting for their GPU at most; older ones are dropped and counted.
 MAX_PENDING = 1024
-#: Bucket-bound tensors kept per (key, device): one per key on each device it was logged from.
+#: Bucket-bound tensors kept per (key, device, dtype): one per key on each device it was logged from.
 MAX_BOUNDS = 1024
 #: CPU tensors up to this size are summarised in Python (about 15 µs for 8 elements against
 #: about 85 µs of torch ops); larger ones by torch ops (6 ms for 100,000 elements, Python 70 ms).
@@ -83,7 +83,7 @@ class DistributionMetrics:
         self._lock = threading.Lock()
         self._last: dict[str, Summary] = {}
         self._hists: dict[str, LabeledHistograms] = {}
-        self._bounds: dict[tuple[str, str], Any] = {}  # (key, device) -> bounds tensor
+        self._bounds: dict[tuple[str, str, Any], Any] = {}  # (key, device, dtype) -> bounds tensor
         self._pending = DeferredReads(MAX_PENDING, self._health, cudart)
         fields = ("count", "mean", "minimum", "maximum", "std")
         for spec, field in zip(semconv.DISTRIBUTION_GAUGES, fields, strict=True):
@@ -124,10 +124,11 @@ class DistributionMetrics:
         self._pending.push(step, key, deferred, elements)
 
     def _bounds_for(self, key: str, like: Any) -> Any:
-        slot = (key, str(like.device))
+        dtype = working_dtype(like)
+        slot = (key, str(like.device), dtype)
         bounds = self._bounds.get(slot)
         if bounds is None:
-            bounds = bounds_on(like, self.bounds(key))
+            bounds = bounds_on(like, self.bounds(key), dtype)
             if len(self._bounds) < MAX_BOUNDS:
                 self._bounds[slot] = bounds
         return bounds

@@ -2,7 +2,8 @@
 
 :func:`reduce` turns a tensor of N elements into one float64 vector of ``5 + len(bounds) + 1``
 numbers on the tensor's device: finite count, sum, sum of squared deviations from the mean (two
-passes, as :func:`otel_ml.distribution.summarize`), min, max, then the bucket counts
+passes, as :func:`otel_ml.distribution.summarize`; elementwise in float32 unless the tensor is
+float64, sums in float64), min, max, then the bucket counts
 (``torch.bucketize`` + ``scatter_add_``, weighted by the finite mask so NaN/Inf elements are in
 no bucket). On CUDA every op is asynchronous: no ``.item()``, no boolean indexing, nothing with a
 data-dependent output size (``bincount`` and ``histc`` read the input's range on the host), no
@@ -18,7 +19,7 @@ Python loop over ``tolist()``).
 
 Example::
 
-    bounds = bounds_on(rewards, (0.0, 0.5, 1.0))       # cache it per key and device
+    bounds = bounds_on(rewards, (0.0, 0.5, 1.0), working_dtype(rewards))   # cache it
     packed = reduce(rewards, bounds)                   # on rewards.device, nothing waited for
     from_reduction(packed.tolist(), rewards.numel())   # on the host, later: a Summary
 """
@@ -38,39 +39,70 @@ def _torch() -> Any:
     return sys.modules["torch"]  # a tensor exists, so torch is imported; never import it here
 
 
-def bounds_on(like: Any, bounds: Sequence[float]) -> Any:
-    """``bounds`` as a float64 tensor on ``like``'s device, written by fill kernels (no host copy).
+def working_dtype(tensor: Any) -> Any:
+    """The dtype the reduction works in: float64 for a float64 tensor, float32 for any other.
+
+    Halves, bfloat16, integers and bools are widened to float32 elementwise; the sums always
+    accumulate in float64. This keeps the device's temporaries at about 30 bytes per element.
+    """
+    torch = _torch()
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def round_down(bound: float, dtype: Any) -> float:
+    """The largest ``dtype`` value not above ``bound`` (float32 or float64).
+
+    For any ``v`` of that dtype, ``v <= bound`` exactly when ``v <= round_down(bound, dtype)``, so
+    float32 buckets split where :func:`otel_ml.distribution.summarize` splits in float64.
+
+    Example::
+
+        round_down(0.1, torch.float32) < 0.1   # True: float32(0.1) is above 0.1
+    """
+    torch = _torch()
+    if dtype == torch.float64:
+        return float(bound)
+    near = torch.tensor(float(bound), dtype=dtype)  # a CPU tensor: no device involved
+    if float(near) > bound:
+        near = torch.nextafter(near, torch.tensor(-math.inf, dtype=dtype))
+    return float(near)
+
+
+def bounds_on(like: Any, bounds: Sequence[float], dtype: Any) -> Any:
+    """``bounds`` as a ``dtype`` tensor on ``like``'s device, written by fill kernels (no host copy).
 
     ``torch.tensor(bounds, device=...)`` would copy from pageable memory, which waits for the
-    device's stream; one ``new_full`` per bound does not. Build it once per key and device.
+    device's stream; one ``new_full`` per bound does not. Build it once per key, device and dtype.
     """
     torch = _torch()
     if not bounds:
-        return like.new_zeros((0,), dtype=torch.float64)
-    return torch.cat([like.new_full((1,), float(b), dtype=torch.float64) for b in bounds])
+        return like.new_zeros((0,), dtype=dtype)
+    return torch.cat([like.new_full((1,), round_down(b, dtype), dtype=dtype) for b in bounds])
 
 
 def reduce(tensor: Any, bounds: Any) -> Any:
-    """The summary vector of ``tensor`` on its device (module docstring); ``bounds`` from :func:`bounds_on`.
+    """The summary vector of ``tensor`` on its device (module docstring).
 
-    Bucket ``i`` counts ``bounds[i-1] < v <= bounds[i]`` (``bucketize``'s default), as
+    ``bounds`` comes from :func:`bounds_on` with :func:`working_dtype`. Bucket ``i`` counts
+    ``bounds[i-1] < v <= bounds[i]`` (``bucketize``'s default), as
     :func:`otel_ml.distribution.summarize` does with ``bisect_left``.
     """
     torch = _torch()
-    x = tensor.detach().reshape(-1).to(torch.float64)
+    f64 = torch.float64
+    x = tensor.detach().reshape(-1).to(bounds.dtype)
     finite = torch.isfinite(x)
-    weight = finite.to(torch.float64)
-    count = weight.sum()
+    count = finite.sum(dtype=f64)
     clean = torch.where(finite, x, 0.0)
-    total = clean.sum()
+    total = clean.sum(dtype=f64)
     mean = total / count.clamp(min=1.0)
-    deviation = torch.where(finite, x - mean, 0.0)
-    squares = (deviation * deviation).sum()
-    low = torch.where(finite, x, math.inf).amin()
-    high = torch.where(finite, x, -math.inf).amax()
+    deviation = torch.where(finite, x - mean.to(x.dtype), 0.0)
+    squares = (deviation * deviation).sum(dtype=f64)
+    low = torch.where(finite, x, math.inf).amin().to(f64)
+    high = torch.where(finite, x, -math.inf).amax().to(f64)
     index = torch.bucketize(clean, bounds)
-    buckets = x.new_zeros((bounds.numel() + 1,), dtype=torch.float64).scatter_add_(0, index, weight)
-    return torch.cat([torch.stack([count, total, squares, low, high]), buckets])
+    weight = finite.to(torch.int32)
+    buckets = x.new_zeros((bounds.numel() + 1,), dtype=torch.int32).scatter_add_(0, index, weight)
+    return torch.cat([torch.stack([count, total, squares, low, high]), buckets.to(f64)])
 
 
 def check_tensor(tensor: Any) -> None:

@@ -15,6 +15,7 @@ from otel_ml.collection import Collection
 from otel_ml.distribution import DEFAULT_BUCKETS, host_values, is_distribution, summarize
 from otel_ml.exporters.exposition import ExpositionReader
 from otel_ml.observables import ObservableMeter
+from otel_ml.tensor_summary import round_down
 from otel_ml.training import TrainingMetrics
 from tests.support.metrics import strict_exposition
 
@@ -175,3 +176,24 @@ def test_nan_and_inf_elements_of_a_tensor_are_counted_and_kept_out_of_every_seri
     assert _one(samples, "otel_ml_distribution_bucket", le="+Inf", metric="reward") == 2
     assert _one(samples, "otel_ml_distribution_last_max", metric="reward") == 3.0  # step 1's, not Inf
     assert _one(samples, "otel_ml_distribution_last_size", metric="reward") == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_elements_at_and_next_to_every_bound_fall_in_the_buckets_of_the_pure_calculator(scrape, dtype):
+    tm, _ = scrape
+    at = torch.tensor(DEFAULT_BUCKETS, dtype=dtype)
+    up = torch.nextafter(at, torch.tensor(math.inf, dtype=dtype))
+    down = torch.nextafter(at, torch.tensor(-math.inf, dtype=dtype))
+    values = torch.cat([at, up, down] * 3)  # more than SMALL: the torch reduction
+    assert values.numel() > distribution_metrics.SMALL
+    tm.log(1, {"edges": values})
+    got = tm.distributions.last("edges")
+    assert got.bucket_counts == summarize([float(v) for v in values.tolist()]).bucket_counts
+
+
+def test_round_down_gives_the_largest_float32_not_above_the_bound():
+    for bound in (0.1, -0.1, 0.2, 1.0, 1e-30, 3.5e38, -3.5e38):
+        low = round_down(bound, torch.float32)
+        above = torch.nextafter(torch.tensor(low, dtype=torch.float32), torch.tensor(math.inf))
+        assert low <= bound < float(above) or (bound > 3.4e38 and math.isinf(float(above)))
+    assert round_down(0.1, torch.float64) == 0.1
