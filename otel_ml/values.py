@@ -8,6 +8,8 @@ CUDA tensors are copied to pinned host memory with ``non_blocking=True`` on thei
 stream and a CUDA event is recorded behind the copy; a background collection polls
 ``event.query()`` (under that device's guard) and reads the host copy once the GPU got there.
 The training thread never calls ``synchronize()`` or ``.item()`` on a CUDA tensor.
+:class:`DeferredReads` is the bounded queue those values wait in until the export thread reads
+them (scalars here, reduced distributions in :mod:`otel_ml.distribution_metrics`).
 
 Example::
 
