@@ -95,6 +95,7 @@ class Stream:
             self.executed += 1
 
     def synchronize(self) -> None:
+        self.cuda.forbid("Stream.synchronize()")
         raise AssertionError("otel_ml called Stream.synchronize()")
 
     def __repr__(self) -> str:
@@ -334,6 +335,7 @@ class FakeCuda:
             raise CudaError(f"CUDA graph capture invalidated: {capture.broken}")
 
     def synchronize(self, device: Any = None) -> None:
+        self.forbid("torch.cuda.synchronize()")
         raise AssertionError("otel_ml called torch.cuda.synchronize()")
 
     def memory_stats(self, device: Any = None) -> dict[str, int]:
@@ -422,9 +424,11 @@ def _event_class(cuda: FakeCuda) -> type:
             return end.time_ms - self.time_ms
 
         def synchronize(self) -> None:
+            cuda.forbid("Event.synchronize()")
             raise AssertionError("otel_ml called Event.synchronize()")
 
         def wait(self, stream: Stream | None = None) -> None:
+            cuda.forbid("Event.wait()")
             raise AssertionError("otel_ml called Event.wait()")
 
     return Event
