@@ -126,11 +126,12 @@ class Aggregator:
         finished, events = self.recorder.finished, self.recorder.events
         all_stats, opened, observed = self.stats, self._open, []
         now = None
+        popleft, keep, observe = finished.popleft, opened.append, observed.append
         while finished:
             entry = finished[0]
             gpu = None
-            start_event, end_event = entry[EV_START], entry[EV_END]
-            if start_event is not None or end_event is not None:
+            if entry[EV_START] is not None or entry[EV_END] is not None:
+                start_event, end_event = entry[EV_START], entry[EV_END]
                 ms = events.resolve(start_event, end_event) if events is not None else None
                 if ms is PENDING:
                     now = self.recorder.clock() if now is None else now
@@ -141,9 +142,9 @@ class Aggregator:
                     ms = None
                 entry[EV_START] = entry[EV_END] = None
                 gpu = None if ms is None else ms / 1e3
-            finished.popleft()
+            popleft()
             host = (entry[END] - entry[START]) / 1e9
-            duration = gpu if gpu is not None else host
+            duration = host if gpu is None else gpu
             entry[GPU] = gpu
             parent = entry[PARENT]
             if parent is not None:
@@ -153,15 +154,18 @@ class Aggregator:
             if stats is None:
                 stats = all_stats[node] = PathStats(seed=len(all_stats))
                 stats.sampled = entry[REGION].sampled
-            stats.add(duration, max(0.0, duration - entry[CHILD]), host, gpu is not None)
-            observed.append(((node.export,), duration))
-            opened.append(entry)
+            self_time = duration - entry[CHILD]
+            stats.add(duration, self_time if self_time > 0.0 else 0.0, host, gpu is not None)
+            observe(((node.export,), duration))
+            keep(entry)
         if observed:
             self.histograms.observe_many(observed)
 
     def _drain_boundaries(self) -> None:
         boundaries = self.recorder.boundaries
         finished = self.recorder.finished
+        pending = self._open
+        all_stats, sampler, flags, callbacks = self.stats, self.sampler, self.flags, self._on_window
         while boundaries:
             step, end_ns, values = boundaries[0]
             if finished and finished[0][END] <= end_ns:
@@ -175,25 +179,30 @@ class Aggregator:
             self.step_time += duration
             # Regions arrive in the order they ended, so this step's are a prefix: O(its size).
             inside = []
-            pending = self._open
+            ran: dict[PathNode, None] = {}  # the paths that ran in this step, each once
+            errored = False
             while pending and pending[0][END] <= end_ns:
-                inside.append(pending.popleft())
-            for node in {id(e[NODE]): e[NODE] for e in inside}.values():
-                stats = self.stats.get(node)
+                entry = pending.popleft()
+                inside.append(entry)
+                ran[entry[NODE]] = None
+                if entry[ERROR] is not None:
+                    errored = True
+            for node in ran:
+                stats = all_stats.get(node)
                 if stats is not None:
                     stats.windows += 1  # steps in which this path ran (module timing is sampled)
                     stats.window_time += duration
-            reason = self.sampler.decide(step, duration)
-            events = self.flags.pop(step)
+            reason = sampler.decide(step, duration)
+            events = flags.pop(step)
             if events and reason is None:
                 reason = ANOMALY
-            if reason is None and any(e[ERROR] is not None for e in inside):
+            if reason is None and errored:
                 reason = ERROR_REASON  # a step where a region raised is always traced
             if reason is not None:
                 self.traced[reason] += 1
                 if has_span_destination(self._tracer):
                     self._emit(step, start_ns, end_ns, values or {}, reason, inside, events or ())
-            for callback in self._on_window:
+            for callback in callbacks:
                 callback(self, step, duration)
 
     # ------------------------------------------------------------------ spans
