@@ -3,7 +3,8 @@
 On a terminal, :class:`Console` redraws its block of lines in place (cursor up, clear, redraw).
 When tqdm bars are on screen it draws inside ``tqdm.external_write_mode``, which clears the bars
 first and redraws them below, so the two never fight. When the stream is not a terminal (CI,
-log files) it writes one compact line per refresh instead.
+log files) it writes one compact line per refresh instead. Lines drawn in place are clipped to
+the terminal's width (ending in ``…``): a wrapped line would make the redraw drift.
 
 Example::
 
@@ -14,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,6 +28,13 @@ def _cursor_up(lines: int) -> str:
     return f"\x1b[{lines}F" if lines else ""
 
 
+def clip(line: str, width: int) -> str:
+    """``line`` cut to ``width`` characters, the last one ``…`` when something was cut."""
+    if width <= 0 or len(line) <= width:
+        return line
+    return line[: width - 1] + "…"
+
+
 class Console:
     """Draws a block of lines in place, or prints a line per refresh when not on a terminal.
 
@@ -34,8 +43,11 @@ class Console:
         Console(sys.stderr).show(["a", "b"], "a b")
     """
 
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, tty: bool | None = None, width: int | None = None
+    ) -> None:
         self.stream = stream or sys.stdout
+        self._width = width
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
             tty = bool(isatty and isatty())
@@ -69,7 +81,8 @@ class Console:
                 if not self.tty:
                     self.stream.write(line + "\n")
                 else:
-                    block = [ln for part in self._sections.values() for ln in part]
+                    width = self._columns()
+                    block = [clip(ln, width) for part in self._sections.values() for ln in part]
                     with self._around_bars():
                         text = _cursor_up(self._drawn) + "".join(f"{_CLEAR_LINE}{ln}\n" for ln in block)
                         # a shorter block leaves old lines below: clear them
@@ -81,6 +94,15 @@ class Console:
                 self.stream.flush()
             except (OSError, ValueError):  # closed or broken stream: the display is optional
                 pass
+
+    def _columns(self) -> int:
+        """The terminal's width less one (0: unknown, nothing is clipped)."""
+        if self._width is not None:
+            return self._width
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns - 1
+        except (AttributeError, OSError, ValueError):
+            return 0
 
     def write(self, text: str) -> None:
         """Print text once, below whatever was drawn (bars are redrawn after it)."""
