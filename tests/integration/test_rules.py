@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
+from otel_ml.cli.main import endpoint_files, file_sd_targets
 from tests.integration.conftest import Processes
+from tests.support.child import LiveChild, clean_env
 from tests.support.net import free_port, wait_until
+from tests.support.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
 
@@ -290,3 +293,64 @@ def test_alertmanager_groups_by_run_and_inhibits(
     assert sorted(a["labels"]["rank"] for a in nan["alerts"]) == ["3", "5"]
     assert nan["groupLabels"] == {"alertname": "TrainingLossNaN", "run_id": "e2e"}
     assert by_group[("TrainingRankDown", "e2e")]["alerts"][0]["labels"]["rank"] == "1"
+
+
+# --- a real job whose reward spread collapses, the shipped rules in a real Prometheus --------------
+
+#: Logs a spread-out reward distribution per step, waits, then one where every rollout gets the
+#: same reward (the spread goes to zero: mode collapse), waits, ends. The drift check is on for
+#: reward through OTEL_ML_DRIFT_KEYS.
+COLLAPSING_REWARD_JOB = """
+import json, random, sys
+import otel_ml
+telemetry = otel_ml.init()
+print(json.dumps({"run_id": telemetry.run_id}), flush=True)
+rng = random.Random(0)
+step = 0
+for phase, spread in enumerate((0.3, 0.0)):
+    for _ in range(60):
+        otel_ml.log(step, reward=[0.5 + spread * rng.gauss(0, 1) for _ in range(32)])
+        step += 1
+    print(f"phase {phase} done", flush=True)
+    sys.stdin.readline()
+otel_ml.shutdown()
+"""
+
+
+def _drift_alerts(prom: PrometheusServer, run_id: str) -> list[dict[str, Any]]:
+    return prom.query(f'ALERTS{{alertname="TrainingDistributionDrift", run_id="{run_id}"}}')
+
+
+def test_distribution_drift_alert_fires_for_a_real_collapsing_reward(
+    processes: Processes, prometheus_binary: str, tmp_path: Path
+) -> None:
+    env = clean_env(tmp_path, OTEL_ML_DRIFT_KEYS="reward", OTEL_ML_RUN_ID="drift-e2e")
+    child = LiveChild.start(processes, COLLAPSING_REWARD_JOB, env=env, cwd=tmp_path)
+    run_id = json.loads(child.wait_prefix("{", 60))["run_id"]
+    child.wait_prefix("phase 0 done", 60)
+    targets = file_sd_targets(endpoint_files(tmp_path / "run"))
+    reward = f'metric="reward", run_id="{run_id}"'
+    drift = f'type="distribution_drift", run_id="{run_id}"'
+    with PrometheusServer(
+        prometheus_binary, tmp_path / "prom", file_sd=targets, rule_files=RULE_FILES
+    ) as prom:
+        # Healthy spread: scraped, detector on and quiet, the rule evaluated a few times, no alert.
+        prom.wait_for(f"otel_ml_distribution_last_stddev{{{reward}}} > 0.1", bool, timeout=30)
+        prom.wait_for(f"count_over_time(otel_ml_anomaly_active{{{drift}}}[1m]) >= 3", bool, timeout=30)
+        assert prom.query(f"otel_ml_anomaly_active{{{drift}}} == 1") == []
+        assert _drift_alerts(prom, run_id) == []
+
+        child.send()  # every rollout now gets the same reward
+        child.wait_prefix("phase 1 done", 60)
+        firing = prom.wait_for(
+            f'ALERTS{{alertname="TrainingDistributionDrift", alertstate="firing", run_id="{run_id}"}}',
+            bool,
+            timeout=30,
+        )
+        assert [(a["metric"]["rank"], a["metric"]["severity"]) for a in firing] == [("0", "warning")]
+        labels = {"__name__", "alertname", "alertstate", "run_id", "rank", "severity"}
+        assert set(firing[0]["metric"]) == labels
+        (spread,) = prom.query(f"otel_ml_distribution_last_stddev{{{reward}}}")
+        assert float(spread["value"][1]) == 0.0
+    child.send()
+    assert child.wait_exit(30) == 0, child.output
