@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,3 +153,38 @@ def from_reduction(packed: Sequence[float], elements: int) -> Summary:
     total = float(packed[1])
     std = math.sqrt(max(float(packed[2]), 0.0) / count)
     return Summary(count, total / count, float(packed[3]), float(packed[4]), std, nonfinite, total, buckets)
+
+
+def numpy_array(value: Any) -> Any | None:
+    """``value`` when it is a numpy array (numpy is never imported here), else None."""
+    numpy = sys.modules.get("numpy")
+    return value if numpy is not None and isinstance(value, numpy.ndarray) else None
+
+
+def summarize_array(array: Any, bounds: Sequence[float] = DEFAULT_BUCKETS) -> Summary:
+    """:func:`summarize` of a numpy array, vectorised (a million elements in milliseconds).
+
+    Example::
+
+        summarize_array(numpy.array([2.0, 4.0, numpy.nan]), bounds=(3.0,)).bucket_counts  # [1, 1]
+    """
+    numpy = sys.modules["numpy"]
+    if numpy.iscomplexobj(array):
+        raise UnusableValueError("complex array")
+    try:
+        x = numpy.asarray(array, dtype=numpy.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise UnusableValueError(f"array elements are not numbers ({exc})") from None
+    finite = x[numpy.isfinite(x)]
+    nonfinite = int(x.size - finite.size)
+    # side="left": bounds[i-1] < v <= bounds[i], as bisect_left
+    index = numpy.searchsorted(numpy.asarray(bounds, dtype=numpy.float64), finite, side="left")
+    counts = [int(c) for c in numpy.bincount(index, minlength=len(bounds) + 1)]
+    if finite.size == 0:
+        return Summary(0, None, None, None, None, nonfinite, 0.0, counts)
+    total = float(finite.sum())
+    mean = total / finite.size
+    std = float(numpy.sqrt(numpy.mean((finite - mean) ** 2)))
+    return Summary(
+        int(finite.size), mean, float(finite.min()), float(finite.max()), std, nonfinite, total, counts
+    )

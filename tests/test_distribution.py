@@ -197,3 +197,24 @@ def test_round_down_gives_the_largest_float32_not_above_the_bound():
         above = torch.nextafter(torch.tensor(low, dtype=torch.float32), torch.tensor(math.inf))
         assert low <= bound < float(above) or (bound > 3.4e38 and math.isinf(float(above)))
     assert round_down(0.1, torch.float64) == 0.1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.bool_])
+def test_a_large_numpy_array_is_summarised_vectorised_like_the_pure_calculator(scrape, dtype):
+    tm, _ = scrape
+    base = np.array(MIXED * 30) * np.linspace(0.5, 1.5, 360)
+    values = (
+        base.astype(dtype)
+        if dtype in (np.float32, np.float64)
+        else np.nan_to_num(base, posinf=0.0, neginf=0.0).astype(dtype)
+    )
+    tm.log(1, {"reward": values.reshape(-1, 6)})
+    _same_summary(tm.distributions.last("reward"), summarize([float(v) for v in values.ravel()]))
+
+
+def test_a_complex_or_non_numeric_numpy_array_is_dropped_with_a_warning(scrape, caplog):
+    tm, _ = scrape
+    with caplog.at_level(logging.WARNING, logger="otel_ml"):
+        tm.log(1, {"phase": np.ones(200) * 1j, "names": np.array(["a"] * 200)})
+    assert tm.distributions.last("phase") is None and tm.distributions.last("names") is None
+    assert "complex array" in caplog.text and "'names'" in caplog.text
