@@ -13,7 +13,8 @@ then prints where everything went. The worker also runs under torchrun directly:
     torchrun --nproc-per-node 2 -m otel_ml.cli.demo --worker
 
 Fault injection for tests and alert demos: ``--nan RANK:STEP`` makes that rank log a NaN loss
-from STEP on; ``--slow RANK:MS`` makes that rank's forward pass MS milliseconds slower.
+from STEP on (``RANK:STEP-END``: up to step END, excluded, then finite again); ``--slow RANK:MS``
+makes that rank's forward pass MS milliseconds slower.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def _parse_pair(text: str | None) -> tuple[int, int] | None:
         return None
     rank, _, value = text.partition(":")
     return int(rank), int(value)
+
+
+def _parse_nan(text: str | None) -> tuple[int, int, int | None] | None:
+    """``RANK:STEP`` or ``RANK:STEP-END`` -> (rank, first NaN step, first finite step again or None)."""
+    if not text:
+        return None
+    rank, _, steps = text.partition(":")
+    first, _, end = steps.partition("-")
+    return int(rank), int(first), int(end) if end else None
 
 
 def _batch(generator: Any, torch: Any) -> tuple[Any, Any]:
@@ -106,7 +116,7 @@ def worker(args: argparse.Namespace) -> int:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(1234 + rank)
-    nan_at, slow = _parse_pair(args.nan), _parse_pair(args.slow)
+    nan_at, slow = _parse_nan(args.nan), _parse_pair(args.slow)
     # Every rank exports its bar; only rank 0 prints it (with the other ranks' lines above it).
     bar = otel_ml.tqdm(range(args.steps), desc="train", unit="step")
     for step in bar:
@@ -131,7 +141,7 @@ def worker(args: argparse.Namespace) -> int:
             # predicted right. Logged as a distribution (histogram + last min/mean/max/stddev).
             reward = (logits.argmax(-1) == targets).float().mean(-1)
         logged_loss = loss.detach()
-        if nan_at and nan_at[0] == rank and step >= nan_at[1]:
+        if nan_at and nan_at[0] == rank and nan_at[1] <= step < (nan_at[2] or args.steps):
             logged_loss = torch.tensor(float("nan"))
         otel_ml.log(
             step,
@@ -253,7 +263,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--files", type=int, default=8, help="files to score after training (0: none)")
     parser.add_argument("--linger", type=float, default=0.0, help="seconds to keep serving after training")
-    parser.add_argument("--nan", metavar="RANK:STEP", help="log NaN loss on RANK from STEP on")
+    parser.add_argument(
+        "--nan", metavar="RANK:STEP[-END]", help="log NaN loss on RANK from STEP on (up to END, excluded)"
+    )
     parser.add_argument("--slow", metavar="RANK:MS", help="slow RANK's forward pass by MS milliseconds")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 

@@ -25,7 +25,8 @@ from tests.support.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
 
-RANKS, STEPS, NAN_STEP, SLOW_MS = 4, 160, 50, 40
+# rank 2's NaN episode ends 30 steps before the run does, so its end is logged too
+RANKS, STEPS, NAN_STEP, NAN_END, SLOW_MS = 4, 200, 50, 170, 40
 
 
 @dataclass
@@ -49,7 +50,7 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
     env = demo_env(run_dir, free_port_block(RANKS), OTEL_ML_PROGRESS_LOG_INTERVAL="2")
     command = demo_command(
         *("--ranks", str(RANKS), "--steps", str(STEPS), "--files", "0", "--linger", "5"),
-        *("--nan", f"2:{NAN_STEP}", "--slow", f"1:{SLOW_MS}"),
+        *("--nan", f"2:{NAN_STEP}-{NAN_END}", "--slow", f"1:{SLOW_MS}"),
     )
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
@@ -94,6 +95,11 @@ def test_rank_zero_log_names_the_nan_rank_with_its_first_step_and_the_slow_rank(
     # the start of rank 2's episode: one line, however many polls saw it
     started = f"otel_ml: rank 2 anomaly: NaN loss since step {NAN_STEP} (nonfinite)"
     assert lines.count(started) == 1, out[-3000:]
+    # ... and its end, once: the loss is finite again from NAN_END on
+    count = NAN_END - NAN_STEP
+    steps = f"steps {NAN_STEP}-{NAN_END - 1}"
+    ended = f"otel_ml: rank 2 anomaly ended: nonfinite on loss, {steps}, {count} value(s)"
+    assert lines.count(ended) == 1 and lines.index(started) < lines.index(ended), out[-3000:]
     flagged = [ln for ln in views if "| 2 train " in ln and f"⚠ NaN loss since step {NAN_STEP}" in ln]
     assert flagged and all(ln.endswith("| 1 rank with anomalies: 2 (nonfinite)") for ln in flagged), views
     assert not any("⚠" in part for ln in views for part in ln.split(" | ") if not part.startswith("2 "))
@@ -123,5 +129,5 @@ def test_inspect_json_names_the_anomaly_with_its_first_step(demo):
     assert out.returncode == 0, out.stderr
     ranks = {r["rank"]: r for r in json.loads(out.stdout)["ranks"]}
     assert sorted(ranks) == list(range(RANKS))
-    episodes = [(e["type"], e["key"], e["first_step"]) for e in ranks[2]["anomalies"]]
-    assert ("nonfinite", "loss", NAN_STEP) in episodes, ranks[2]
+    episodes = [(e["type"], e["key"], e["first_step"], e["last_step"]) for e in ranks[2]["anomalies"]]
+    assert ("nonfinite", "loss", NAN_STEP, NAN_END - 1) in episodes, ranks[2]
