@@ -200,14 +200,21 @@ def test_the_stand_in_refuses_and_records_every_host_sync_on_a_cuda_tensor(sync)
     assert cuda.forbidden and not cuda.clean()
 
 
-def test_the_stand_in_refuses_a_host_copy_read_before_its_stream_ran():
+def test_the_stand_in_refuses_a_host_copy_read_before_an_event_behind_it_was_seen_complete():
     cuda = FakeCuda(devices=1)
     host = cuda.tensor([1.0, 2.0]).sum().to("cpu", non_blocking=True)
     with pytest.raises(AssertionError, match="not written yet"):
         host.tolist()
-    assert cuda.early_reads == 1 and cuda.forbidden
     cuda.complete()
-    assert host.item() == 3.0
+    with pytest.raises(AssertionError, match="seen complete"):
+        host.item()  # the copy landed, but nothing told the reader so
+    assert cuda.early_reads == 2 and len(cuda.forbidden) == 2
+    late = cuda.tensor([4.0, 5.0]).sum().to("cpu", non_blocking=True)
+    behind = cuda.Event()
+    behind.record()
+    assert not behind.query()
+    cuda.complete()
+    assert behind.query() and late.item() == 9.0
 
 
 def test_a_whole_run_logging_cuda_rewards_exports_them_from_the_export_thread(tmp_path):

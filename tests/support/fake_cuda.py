@@ -15,7 +15,7 @@ Stricter than the real thing wherever the two differ, never more lenient:
   timing, and outside a capture (real CUDA raises for most of these too);
 * work runs on the fake GPU only when the test says so (:meth:`FakeCuda.complete`): an event is
   complete once its stream has executed up to it, and reading a non-blocking device-to-host copy
-  before its stream has raises;
+  raises unless an event recorded behind it on its stream was seen complete (``query()``);
 * a CUDA tensor (:meth:`FakeCuda.tensor`, one element or many) allows only the ops that are
   asynchronous on a GPU (:data:`ASYNC_OPS`, each a kernel on its device's current stream, refused
   inside a capture) and ``to("cpu", non_blocking=True)``; ``item()``, ``tolist()``, ``bool()``,
@@ -76,6 +76,7 @@ class Stream:
         self.name = name
         self.ops: list[tuple[str, float, Any]] = []  # (kind, milliseconds, payload)
         self.executed = 0  # ops done
+        self.observed = 0  # ops otel_ml knows are done: up to the last event it saw complete
         self.time_ms = 0.0  # the stream's GPU clock after the executed ops
         self.capture: _Capture | None = None
 
@@ -406,7 +407,10 @@ def _event_class(cuda: FakeCuda) -> type:
             cuda._needs_context("query", self.device)
             if self.captured:
                 raise CudaError("operation not permitted on an event last recorded in a capturing stream")
-            return self.stream.executed >= self.position
+            done = self.stream.executed >= self.position
+            if done:
+                self.stream.observed = max(self.stream.observed, self.position)
+            return done
 
         def elapsed_time(self, end: Event) -> float:
             cuda._check("elapsed_time")
@@ -449,17 +453,24 @@ class _Cudart:
 
 
 class _HostTensor:
-    """A pinned host copy: reading it before its stream executed the copy raises (and is counted)."""
+    """A pinned host copy: reading it raises (and is counted) unless an event recorded behind the
+    copy on its stream was seen complete (``query()`` returned True): the only way to know."""
 
-    def __init__(self, cuda: FakeCuda, payload: torch.Tensor) -> None:
+    def __init__(self, cuda: FakeCuda, payload: torch.Tensor, stream: Stream) -> None:
         self._cuda = cuda
         self._payload = payload.clone()
         self.landed = False
+        self.stream = stream
+        self.position = stream.enqueue("copy", 0.0, self)
 
     def _read(self, call: str) -> torch.Tensor:
+        what = ""
         if not self.landed:
-            self._cuda.early_reads += 1
             what = f"{call}() of a host copy the GPU has not written yet"
+        elif self.stream.observed < self.position:
+            what = f"{call}() of a host copy before an event behind it was seen complete"
+        if what:
+            self._cuda.early_reads += 1
             self._cuda.forbid(what)
             raise AssertionError(f"otel_ml read {what}")
         return self._payload
@@ -576,10 +587,8 @@ class FakeCudaTensor(torch.Tensor):
             cuda.forbid(f"to({args}, {kwargs}) of a CUDA tensor")
             raise AssertionError(f"otel_ml copied a CUDA tensor with to({args}, {kwargs}): not non-blocking")
         cuda._check("copy")
-        host = _HostTensor(cuda, payload)
         # The copy runs on the *source device's* current stream, whatever the current device is.
-        cuda.current_stream(device).enqueue("copy", 0.0, host)
-        return host
+        return _HostTensor(cuda, payload, cuda.current_stream(device))
 
 
 def on_thread(function: Callable[[], Any], name: str = "otel-ml-pump") -> Any:
