@@ -196,7 +196,7 @@ def main() -> int:
     for label, ms, us in rows:
         print(f"| {label} | {ms:.3f} | {'' if us is None else f'{us:.2f}'} |")
     if args.runs:
-        print(f"\n| thread ({args.runs} instrumented processes, median) | CPU ms per second of training |")
+        print(f"\n| thread (median of {args.runs} instrumented runs) | CPU ms per second of training |")
         print("|---|---:|")
         for name, ms in sorted(threads(args.runs, 400).items(), key=lambda kv: -kv[1]):
             print(f"| `{name}` | {ms:.2f} |")
