@@ -111,6 +111,20 @@ class Aggregator:
         self._window_start = recorder.started_ns
         self._lock = threading.RLock()  # on_window callbacks read the stats while processing
 
+    def pending_seconds(self) -> dict[PathNode, float]:
+        """Per path node, the seconds of drained regions whose step has not closed yet.
+
+        :attr:`stats` already holds them (regions drain before the steps they belong to close);
+        an ``on_window`` callback, which runs under the lock, takes them out to count only the
+        closed steps (:func:`otel_ml.regions.render.closed_totals`).
+        """
+        pending: dict[PathNode, float] = {}
+        for entry in self._open:
+            gpu = entry[GPU]
+            seconds = gpu if gpu is not None else (entry[END] - entry[START]) / 1e9
+            pending[entry[NODE]] = pending.get(entry[NODE], 0.0) + seconds
+        return pending
+
     # ------------------------------------------------------------------ draining
     def process(self) -> None:
         """Drain finished regions and closed steps (safe from any thread; serialised)."""

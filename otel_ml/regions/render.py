@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from otel_ml.regions.recorder import END, GPU, NODE, START
 from otel_ml.regions.stats import OUTSIDE, Outside, SummaryRow, top_level_time, tree_order
 
 if TYPE_CHECKING:  # annotations only: the aggregator calls the table, the table never builds one
@@ -179,14 +178,10 @@ def closed_totals(aggregator: Aggregator) -> dict[Any, tuple[float, int, float, 
 
     The aggregator drains all finished regions before it closes the steps they belong to, so when
     a step closes its statistics already hold regions of later steps (up to a pump tick's worth);
-    those wait in its queue of regions of unclosed steps and are taken out here. Called from an
+    :meth:`Aggregator.pending_seconds` gives them, and they are taken out here. Called from an
     ``on_window`` callback, which runs under the aggregator's lock.
     """
-    pending: dict[Any, float] = {}
-    for entry in getattr(aggregator, "_open", ()):
-        gpu = entry[GPU]
-        seconds = gpu if gpu is not None else (entry[END] - entry[START]) / 1e9
-        pending[entry[NODE]] = pending.get(entry[NODE], 0.0) + seconds
+    pending = aggregator.pending_seconds()
     return {
         node: (s.total - pending.get(node, 0.0), s.windows, s.window_time, s.sampled)
         for node, s in aggregator.stats.items()
