@@ -227,10 +227,14 @@ class TrainingMetrics:
         self._ingest(step, key, kind, number)
 
     def ingest_distribution(self, step: int, key: str, value: Any) -> None:
-        """A distribution under ``key`` (``otel_ml.scores`` and ``log()``); never raises."""
-        self.distributions.ingest(step, key, value)
+        """A distribution under ``key`` (``otel_ml.scores`` and ``log()``); never raises.
 
-    _ingest_distribution = ingest_distribution  # the name otel_ml.scores calls
+        Its ``otel_ml_nonfinite_total{metric=key}`` starts at 0, as a ``log()`` key's does, so
+        ``increase()`` sees the first NaN (``log()`` keys are bounded by ``max_metric_keys``;
+        scorers' keys are the names their code gives).
+        """
+        self._count_nonfinite(key, 0)
+        self.distributions.ingest(step, key, value)
 
     def _ingest(self, step: int, key: str, kind: int, number: float) -> None:
         if number - number == 0.0:

@@ -332,3 +332,10 @@ def test_merged_batch_summaries_equal_the_summary_of_all_scores():
 def test_lines_keep_one_sample_on_one_line():
     assert one_line("a\n  b\r\nc", 10) == "a b c"
     assert sample_line(3, 6.8, text="ok", digits=2) == "[Sample 3] Score: 6.80 | Response: ok"
+
+
+def test_nonfinite_counter_of_a_score_exists_at_zero_before_any_nan(telemetry):
+    with otel_ml.scores("clean", show="off", telemetry=telemetry, stream=io.StringIO()) as scorer:
+        scorer.add([1.0, 2.0])
+    samples = _scrape(telemetry)
+    assert _one(samples, "otel_ml_nonfinite_total", metric="clean", rank="1") == 0
