@@ -8,9 +8,12 @@ One folder per rank under the run dir; every file otel_ml writes there is user-o
         spans.otlp.jsonl       OTLP/JSON spans (rotated: .1, .2)
         timing-summary.json    end-of-run region statistics
         timing-summary.txt     the same, as the table printed at exit
+        status.json            state, step, ETA, anomaly episodes (otel_ml.status; atomic rewrite)
+        scores.jsonl           every scored sample of otel_ml.scores (rotated like the OTLP files)
 
 Writers (:mod:`otel_ml.runtime`, :mod:`otel_ml.exporters.files`, the timing summary) and readers
-(rank 0's progress poller, ``otel-ml targets``, ``inspect`` and ``demo``) all take their paths
+(rank 0's progress poller, ``otel-ml targets``, ``inspect`` and ``demo``; :mod:`otel_ml.status`
+and :mod:`otel_ml.scores` write theirs) all take their paths
 from here.
 
 Example::
@@ -36,6 +39,8 @@ METRICS_FILE = "metrics.otlp.jsonl"
 SPANS_FILE = "spans.otlp.jsonl"
 SUMMARY_JSON = "timing-summary.json"
 SUMMARY_TEXT = "timing-summary.txt"
+STATUS_FILE = "status.json"
+SCORES_FILE = "scores.jsonl"
 #: Folders and files otel_ml creates: user-only.
 DIR_MODE = 0o700
 FILE_MODE = 0o600

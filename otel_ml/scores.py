@@ -57,15 +57,13 @@ from otel_ml.exporters._worker import THREAD_PREFIX
 from otel_ml.exporters.files import _RotatingFile
 from otel_ml.health import TelemetryHealth
 from otel_ml.progress.bar import tqdm
-from otel_ml.rundir import rank_dir
+from otel_ml.rundir import SCORES_FILE, rank_dir
 from otel_ml.runtime import Telemetry, get_telemetry
 from otel_ml.score_lines import ScoreSummary, batch_line, json_score, sample_line, summary_line
 from otel_ml.threads import name_native
 from otel_ml.values import UnusableValueError, tensor_type
 
 SHOW_MODES = ("off", "batch", "sample")
-#: Each rank's file of scored samples, in its run-dir folder (rotated: ``.1``, ``.2``).
-SCORES_FILE = "scores.jsonl"
 #: Characters of a sample's text kept in the file (the terminal line keeps ``width``).
 MAX_FILE_TEXT = 4096
 #: Records waiting for the writer at most; more are dropped and counted (signal ``scores``).

@@ -48,10 +48,9 @@ from typing import Any, Protocol
 
 from otel_ml._logging import warn_once
 from otel_ml.health import TelemetryHealth
-from otel_ml.rundir import write_private
+from otel_ml.rundir import STATUS_FILE, write_private
 from otel_ml.signals import exception_name, signal_name
 
-STATUS_FILE = "status.json"
 SCHEMA = 1
 RUNNING, COMPLETED, FAILED, TERMINATED = "running", "completed", "failed", "terminated"
 STATES = (RUNNING, COMPLETED, FAILED, TERMINATED)
