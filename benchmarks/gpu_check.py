@@ -190,6 +190,47 @@ print(json.dumps({"ok": got == expected, "logged": got, "item": expected}))
     )
 
 
+def check_distribution_no_sync() -> dict:
+    """A CUDA reward tensor per step, logged with sync debug mode "error" (any host sync on the
+    training thread raises), then compared on /metrics with the statistics of its host copy."""
+    return _child(
+        ON_GPU_0
+        + r"""
+import math, re, urllib.request
+steps, values = 20, []
+rewards = [torch.randn(4096, device="cuda") for _ in range(steps)]
+rewards[-1][7] = float("nan")
+torch.cuda.synchronize()
+error = None
+torch.cuda.set_sync_debug_mode("error")
+try:
+    for step, reward in enumerate(rewards):
+        otel_ml.log(step, reward=reward)
+except RuntimeError as exc:
+    error = str(exc)
+finally:
+    torch.cuda.set_sync_debug_mode(0)
+last = [v for v in rewards[-1].tolist() if math.isfinite(v)]
+total = sum(len([v for v in r.tolist() if math.isfinite(v)]) for r in rewards)
+t.flush(5)
+time.sleep(1.5)
+text = urllib.request.urlopen(t.metrics_url).read().decode()
+def one(name):
+    m = re.search(name + r'\{[^}]*metric="reward"[^}]*\} (\S+)', text)
+    return float(m.group(1)) if m else None
+got = {"count": one("otel_ml_distribution_count"), "last_size": one("otel_ml_distribution_last_size"),
+       "last_mean": one("otel_ml_distribution_last_mean"), "last_max": one("otel_ml_distribution_last_max"),
+       "nonfinite": one("otel_ml_nonfinite_total")}
+want = {"count": total, "last_size": len(last), "last_mean": sum(last) / len(last), "last_max": max(last),
+        "nonfinite": 1}
+ok = error is None and all(got[k] is not None and abs(got[k] - want[k]) <= 1e-4 * max(1, abs(want[k]))
+                           for k in want)
+t.shutdown(5)
+print(json.dumps({"ok": ok, "sync_error": error, "got": got, "want": want}))
+"""
+    )
+
+
 def check_graph_capture() -> dict:
     return _child(
         ON_GPU_0
@@ -301,6 +342,7 @@ def main() -> int:
         ("no-stray-context", check_no_stray_context),
         ("gpu-time", lambda: check_gpu_time(10 if args.quick else 30)),
         ("deferred-loss", check_deferred_loss),
+        ("distribution-no-sync", check_distribution_no_sync),
         ("graph-capture", check_graph_capture),
         ("compile", check_compile),
     ]
