@@ -113,10 +113,13 @@ def breakdown(scrapes: int, steps: int) -> list[tuple[str, float, float | None]]
     for gauges in (telemetry.progress_gauges, telemetry.system_gauges):
         gauges.prepare = _timed(parts, "progress + system snapshots", gauges.prepare)
     collection._sources = tuple(
-        _timed(parts, "metric sources (histogram points)", s) for s in collection._sources
+        _timed(parts, "metric sources (histogram snapshots)", s) for s in collection._sources
     )
-    reader.collection.augment = _timed(parts, "(collection: observables + sources)", collection.augment)
-    reader._encoder.encode = _timed(parts, "exposition encode", reader._encoder.encode)
+    # /metrics encodes otel_ml's own metrics from their state (observables, histogram snapshots).
+    encoder = reader._encoder
+    encoder._observable = _timed(parts, "observable callbacks and their text", encoder._observable)
+    encoder._snapshot = _timed(parts, "histogram text", encoder._snapshot)
+    encoder.encode = _timed(parts, "(encode, own metrics included)", encoder.encode)
     prometheus.gzip = type("Gzip", (), {"compress": staticmethod(_timed(parts, "gzip", gzip.compress))})
     render = reader.render
 
@@ -145,8 +148,11 @@ def breakdown(scrapes: int, steps: int) -> list[tuple[str, float, float | None]]
         snapshot = dict(parts)
         snapshot["(whole request, scrape thread)"] = request
         snapshot["HTTP (request minus render and gzip)"] = request - parts["(render)"] - parts["gzip"]
-        snapshot["observable callbacks and their points"] = (
-            parts["(collection: observables + sources)"] - parts["metric sources (histogram points)"]
+        snapshot["exposition encode (SDK metrics, families)"] = (
+            parts["(encode, own metrics included)"]
+            - parts["observable callbacks and their text"]
+            - parts["metric sources (histogram snapshots)"]
+            - parts["histogram text"]
         )
         for label, seconds in snapshot.items():
             per_scrape[label].append(seconds)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.metrics.export import Metric, MetricReader, MetricsData, ResourceMetrics, ScopeMetrics
@@ -96,6 +96,28 @@ class Collection:
                     f"prepare:{_name(hook)}", "otel_ml: collection hook %s failed: %r", _name(hook), exc
                 )
 
+    @property
+    def observables(self) -> tuple[Observable, ...]:
+        """The instruments :meth:`add_observable` registered, in registration order."""
+        return self._observables
+
+    @property
+    def has_own_metrics(self) -> bool:
+        """Whether any source or observable is registered (else :meth:`augment` adds nothing)."""
+        return bool(self._sources or self._observables)
+
+    def source_metrics(self) -> Iterator[Metric]:
+        """The metrics of every source, in registration order (a failing source is logged once)."""
+        for source in self._sources:
+            try:
+                metrics = list(source())
+            except Exception as exc:  # noqa: BLE001 - a broken source must not break collection
+                warn_once(
+                    f"source:{_name(source)}", "otel_ml: metric source %s failed: %r", _name(source), exc
+                )
+                continue
+            yield from (m for m in metrics if m is not None)
+
     def augment(self, data: MetricsData | None) -> MetricsData | None:
         """``data`` with the metrics of every source and observable added to its ``otel_ml`` scope
         (``data`` None: the SDK had nothing, and these alone make the collection)."""
@@ -107,13 +129,7 @@ class Collection:
             metric = instrument.collect(now)
             if metric is not None:
                 extra.append(metric)
-        for source in self._sources:
-            try:
-                extra.extend(m for m in source() if m is not None)
-            except Exception as exc:  # noqa: BLE001 - a broken source must not break collection
-                warn_once(
-                    f"source:{_name(source)}", "otel_ml: metric source %s failed: %r", _name(source), exc
-                )
+        extra.extend(self.source_metrics())
         if not extra:
             return data
         if data is None or not data.resource_metrics:
@@ -152,24 +168,25 @@ class PullReader(MetricReader):
         super().__init__(**kwargs)
         self.collection = collection or Collection()
         self._data: MetricsData | None = None
-        self._received = False
         self._read_lock = threading.Lock()
 
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
-        self._data = self.collection.augment(metrics_data)
-        self._received = True
+        self._data = metrics_data
 
     def read(self) -> MetricsData | None:
         with self._read_lock:
-            self._data, self._received = None, False
-            self.collection.prepare()
-            self.collect()
-            data, self._data = self._data, None
-            if not self._received:  # the SDK had no data: otel_ml's own metrics alone
-                data = self.collection.augment(None)
-            return data
+            return self.collection.augment(self._read_sdk())
+
+    def _read_sdk(self) -> MetricsData | None:
+        """Run the prepare hooks and the SDK's collection; the SDK's data alone, or None when it had
+        none (the caller holds the read lock and adds otel_ml's own metrics)."""
+        self._data = None
+        self.collection.prepare()
+        self.collect()
+        data, self._data = self._data, None
+        return data
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         return None

@@ -103,20 +103,56 @@ class LabeledHistograms:
         snapshot = self.snapshot()
         if not snapshot:
             return None
-        now = time.time_ns()
-        points = [
-            HistogramDataPoint(
-                attributes={**attributes, **dict(zip(label_names, key, strict=True))},
-                start_time_unix_nano=self.start_ns,
-                time_unix_nano=now,
-                count=sum(counts),
-                sum=total,
-                bucket_counts=counts,
-                explicit_bounds=self.bounds,
-                min=low,
-                max=high,
-            )
-            for key, (counts, total, low, high) in snapshot.items()
-        ]
-        data = Histogram(data_points=points, aggregation_temporality=AggregationTemporality.CUMULATIVE)
+        data = HistogramSnapshot(
+            snapshot, self.bounds, self.start_ns, time.time_ns(), attributes, label_names
+        )
         return Metric(name=name, description=description, unit=unit, data=data)
+
+
+class HistogramSnapshot(Histogram):
+    """A cumulative OTel ``Histogram`` whose data points are built only when read.
+
+    OTLP and files read :attr:`data_points` (built once, on first access); ``/metrics`` renders
+    the snapshot straight to text (:mod:`otel_ml.exporters.exposition`) and never builds them.
+    """
+
+    def __init__(
+        self,
+        snapshot: dict[tuple[str, ...], tuple[list[int], float, float, float]],
+        bounds: tuple[float, ...],
+        start_ns: int,
+        now_ns: int,
+        attributes: Mapping[str, str],
+        label_names: Sequence[str],
+    ) -> None:
+        # A frozen dataclass: fields are set as its own __init__ would.
+        object.__setattr__(self, "snapshot", snapshot)
+        object.__setattr__(self, "bounds", bounds)
+        object.__setattr__(self, "start_ns", start_ns)
+        object.__setattr__(self, "now_ns", now_ns)
+        object.__setattr__(self, "attributes", attributes)
+        object.__setattr__(self, "label_names", tuple(label_names))
+        object.__setattr__(self, "aggregation_temporality", AggregationTemporality.CUMULATIVE)
+        object.__setattr__(self, "_points", None)
+
+    @property
+    def data_points(self) -> list[HistogramDataPoint]:  # type: ignore[override]
+        points = self._points
+        if points is None:
+            attributes, label_names = self.attributes, self.label_names
+            points = [
+                HistogramDataPoint(
+                    attributes={**attributes, **dict(zip(label_names, key, strict=True))},
+                    start_time_unix_nano=self.start_ns,
+                    time_unix_nano=self.now_ns,
+                    count=sum(counts),
+                    sum=total,
+                    bucket_counts=counts,
+                    explicit_bounds=self.bounds,
+                    min=low,
+                    max=high,
+                )
+                for key, (counts, total, low, high) in self.snapshot.items()
+            ]
+            object.__setattr__(self, "_points", points)
+        return points

@@ -8,7 +8,8 @@ about 1 ms for otel_ml's ~30 instruments, two thirds of the cost of one ``/metri
 instruments are registered with the :class:`otel_ml.collection.Collection` instead: at each
 collection the callbacks run once and their observations become OTel ``Metric`` data directly
 (a gauge, or a cumulative monotonic sum for a counter), in the ``otel_ml`` scope of the same
-collected data that Prometheus, OTLP and files all read. Everything else (synchronous
+collected data that OTLP and files read (``/metrics`` encodes the observations themselves, see
+:mod:`otel_ml.exporters.exposition`). Everything else (synchronous
 instruments, the ``Meter`` API) goes to the SDK meter it wraps.
 
 Only otel_ml's readers run a :class:`~otel_ml.collection.Collection`; a plain SDK reader handed
@@ -24,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -56,20 +57,27 @@ class Observable:
         self.monotonic = monotonic
         self.start_ns = time.time_ns()
 
+    def observations(self) -> Iterator[Observation]:
+        """Every observation of this collection's callbacks, in order; a failing callback is
+        logged once and the observations it gave before failing are kept."""
+        for callback in self.callbacks:
+            try:
+                yield from callback(_OPTIONS)
+            except Exception as exc:  # noqa: BLE001 - one broken callback must not break collection
+                warn_once(f"observable:{self.name}", "otel_ml: callback of %s failed: %r", self.name, exc)
+
     def collect(self, now_ns: int) -> Metric | None:
         """This collection's metric, or None when the callbacks observed nothing."""
         by_series: dict[Any, NumberDataPoint] = {}
         start = self.start_ns if self.monotonic else 0
-        for callback in self.callbacks:
-            try:
-                for obs in callback(_OPTIONS):
-                    attributes = obs.attributes or {}
-                    # One point per attribute set, the last observation winning, as in the SDK.
-                    by_series[frozenset(attributes.items())] = NumberDataPoint(
-                        attributes, start, now_ns, obs.value
-                    )
-            except Exception as exc:  # noqa: BLE001 - one broken callback must not break collection
+        for obs in self.observations():
+            attributes = obs.attributes or {}
+            try:  # one point per attribute set, the last observation winning, as in the SDK
+                key = frozenset(attributes.items())
+            except TypeError as exc:  # an unhashable attribute value: the SDK refuses it too
                 warn_once(f"observable:{self.name}", "otel_ml: callback of %s failed: %r", self.name, exc)
+                continue
+            by_series[key] = NumberDataPoint(attributes, start, now_ns, obs.value)
         if not by_series:
             return None
         points = list(by_series.values())

@@ -101,3 +101,35 @@ def test_a_second_instrument_with_the_same_name_is_refused():
     meter.create_observable_gauge("otel_ml_step", [lambda _: [Observation(2)]])
     points = _metrics(reader.read())["otel_ml_step"].data.data_points
     assert [p.value for p in points] == [1]
+
+
+def test_a_histogram_snapshot_gives_otlp_the_points_a_plain_histogram_would():
+    from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import encode_metrics
+    from opentelemetry.sdk.metrics.export import Histogram, Metric, MetricsData, ResourceMetrics, ScopeMetrics
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from otel_ml.histogram import HistogramSnapshot, LabeledHistograms
+
+    hist = LabeledHistograms((0.1, 1.0))
+    hist.observe(("forward",), 0.5)
+    hist.observe(("backward",), 5.0)
+    metric = hist.to_metric("otel_ml_span_duration", "s", "d", ("path",), {"rank": "0"})
+    assert type(metric.data) is HistogramSnapshot
+    points = metric.data.data_points
+    assert points is metric.data.data_points  # built once
+    assert [(p.attributes, p.count, list(p.bucket_counts), p.sum) for p in points] == [
+        ({"rank": "0", "path": "forward"}, 1, [0, 1, 0], 0.5),
+        ({"rank": "0", "path": "backward"}, 1, [0, 0, 1], 5.0),
+    ]
+    plain = Metric(
+        metric.name, metric.description, metric.unit, Histogram(points, AggregationTemporality.CUMULATIVE)
+    )
+
+    def otlp(m):
+        scope = ScopeMetrics(InstrumentationScope("otel_ml"), [m], "")
+        return encode_metrics(
+            MetricsData([ResourceMetrics(Resource.create({}), [scope], "")])
+        ).SerializeToString()
+
+    assert otlp(metric) == otlp(plain)
+    assert metric.to_json() == plain.to_json()
