@@ -3,12 +3,20 @@
 * **Connections are capped** (``max_connections``). A connection that has not sent a complete
   request yet is *idle*; when a new one arrives at the cap, the oldest idle connection is closed
   to make room, so a crowd of idle or slow clients can never lock Prometheus out.
-* **Every connection has deadlines**: the TLS handshake and each request must complete within
-  ``request_timeout`` seconds, and the handshake happens on the connection's own thread, not
-  on the accept loop (prometheus_client's server does it in ``accept``, so one client that
-  never finishes the handshake blocks every scrape).
+* **Every connection has deadlines**: the TLS handshake must complete within ``request_timeout``
+  seconds, and so must the wait for each request and its whole head (a client that drips one
+  byte at a time is cut off at the deadline, not kept alive by each byte). The handshake
+  happens on the connection's own thread, not on the accept loop (prometheus_client's server
+  does it in ``accept``, so one client that never finishes the handshake blocks every scrape).
 * **TLS** (certificate and key files) and **HTTP basic auth** (compared in constant time) are
   optional; without credentials or with wrong ones the answer is 401.
+* **A lean HTTP/1.1 reader** for a few GET routes: the request line and the header lines are
+  split from the received bytes directly (``http.server`` parses them with ``email.parser``,
+  most of its cost per request), and status line, headers and body leave in one ``sendall``.
+  HTTP/1.1 keeps the connection alive unless told ``Connection: close``; HTTP/1.0 closes
+  it unless told ``keep-alive``. GET and HEAD are served; other methods get 501, a request
+  with a body 413 (nothing here takes one), a malformed one 400, a version from 2.0 on 505, a
+  head over 64 KiB or 100 header lines 414/431; each of these closes the connection.
 
 Example::
 
@@ -22,12 +30,14 @@ import base64
 import contextlib
 import hmac
 import socket
+import socketserver
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 from otel_ml._logging import warn_once
@@ -37,6 +47,13 @@ from otel_ml.threads import name_native
 REQUEST_TIMEOUT = 5.0
 #: Simultaneous connections at most (Prometheus uses one or two per target).
 MAX_CONNECTIONS = 16
+#: Bytes a request's head (request line and headers) may have at most, and its header lines.
+MAX_HEAD = 65536
+MAX_HEADERS = 100
+
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
 
 
 def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -56,9 +73,9 @@ class _Connection:
         self.since = time.monotonic()
 
 
-class HardenedServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a connection cap, idle eviction, handshake off the accept loop,
-    optional TLS and optional basic auth (see module docstring)."""
+class HardenedServer(socketserver.ThreadingTCPServer):
+    """A threading TCP server with a connection cap, idle eviction, handshake off the accept
+    loop, optional TLS and optional basic auth (see module docstring)."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -69,7 +86,7 @@ class HardenedServer(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
+        handler: type[HardenedHandler],
         *,
         tls: ssl.SSLContext | None = None,
         credentials: bytes | None = None,
@@ -159,55 +176,157 @@ class HardenedServer(ThreadingHTTPServer):
         return hmac.compare_digest(given, self.credentials)
 
 
-class HardenedHandler(BaseHTTPRequestHandler):
-    """Base handler: TLS handshake with a deadline, idle tracking, auth check, quiet logs.
+class _RefusedError(Exception):
+    """A request answered with an error status, after which the connection closes."""
 
-    Subclasses implement ``handle_get(path)`` and call :meth:`send`.
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _date(now: float, cache: list[Any] = [0, b""]) -> bytes:  # noqa: B006 - a one-slot cache
+    """The ``Date`` header line for ``now`` (formatted once a second)."""
+    second = int(now)
+    if cache[0] != second:
+        cache[1] = f"Date: {formatdate(second, usegmt=True)}\r\n".encode()
+        cache[0] = second
+    return cache[1]
+
+
+class HardenedHandler(socketserver.BaseRequestHandler):
+    """One connection: TLS handshake with a deadline, a keep-alive request loop with idle
+    tracking and per-request deadlines, the auth check, and :meth:`send`.
+
+    Subclasses implement ``handle_get(path)`` and call :meth:`send`. ``self.headers`` maps
+    lower-case header names to their (first) values; ``self.command`` is ``GET`` or ``HEAD``.
     """
 
     server: HardenedServer
-    protocol_version = "HTTP/1.1"
     #: Paths served without credentials (health checks).
     public_paths = frozenset({"/healthz"})
 
     def setup(self) -> None:
-        name_native("otel-ml-scrape")  # one thread per connection (ThreadingHTTPServer)
-        self.timeout = self.server.request_timeout
+        name_native("otel-ml-scrape")  # one thread per connection (ThreadingTCPServer)
         self._key = self.request  # the accepted socket: the server tracks the connection by it
+        self.request.settimeout(self.server.request_timeout)
         if self.server.tls is not None:
-            self.request.settimeout(self.server.request_timeout)
             self.request = self.server.tls.wrap_socket(
                 self.request, server_side=True, do_handshake_on_connect=False
             )
             self.server.replace_socket(self._key, self.request)
-            self.request.do_handshake()  # here, on this connection's thread, with a deadline
-        super().setup()
+            try:
+                self.request.do_handshake()  # here, on this connection's thread, with a deadline
+            except BaseException:
+                self.request.close()
+                raise
+        self.headers: dict[str, str] = {}
+        self.command = "GET"
+        self._version = (1, 1)
+        self._close = False
 
     def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            if self.request is not self._key:
-                self.request.close()  # the TLS socket; the server closes the accepted one
+        if self.request is not self._key:
+            self.request.close()  # the TLS socket; the server closes the accepted one
 
     def handle(self) -> None:
-        try:
-            super().handle()
-        except (OSError, ssl.SSLError):
-            self.close_connection = True  # a client that broke off or timed out
+        pending = b""
+        with contextlib.suppress(OSError):  # a client that broke off, timed out or was evicted
+            while True:
+                self.server.mark(self._key, idle=True)
+                try:
+                    head, pending = self._read_head(pending)
+                    if head is None:
+                        return
+                    self.server.mark(self._key, idle=False)
+                    path = self._parse(head)
+                except _RefusedError as refused:
+                    self._close = True
+                    body = f"{refused}\n".encode()
+                    self.command = "GET"
+                    self.send(refused.status, body, "text/plain; charset=utf-8")
+                    return
+                self._dispatch(path)
+                if self._close:
+                    return
 
-    def handle_one_request(self) -> None:
-        self.server.mark(self._key, idle=True)
-        super().handle_one_request()
+    def _read_head(self, pending: bytes) -> tuple[bytes | None, bytes]:
+        """(the request's head, the bytes after it); (None, b"") when the client closed first."""
+        sock = self.request
+        deadline = time.monotonic() + self.server.request_timeout
+        while True:
+            if pending[:2] == b"\r\n" or pending[:1] == b"\n":
+                return None, b""  # an empty request line: close, as http.server does
+            end = pending.find(b"\r\n\r\n")
+            bare = pending.find(b"\n\n", 0, None if end < 0 else end)  # LF-only lines, as http.server
+            if 0 <= bare <= MAX_HEAD:
+                return pending[:bare], pending[bare + 2 :]
+            if 0 <= end <= MAX_HEAD:
+                return pending[:end], pending[end + 4 :]
+            if len(pending) > MAX_HEAD:
+                if b"\n" not in pending[: MAX_HEAD + 1]:
+                    raise _RefusedError(414, "request line too long")
+                raise _RefusedError(431, "request header fields too large")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request deadline")
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None, b""
+            pending += chunk
 
-    def parse_request(self) -> bool:
-        ok = super().parse_request()
-        self.server.mark(self._key, idle=False)
-        return ok
+    def _parse(self, head: bytes) -> str:
+        """Request line and headers into ``command``, ``headers``, the keep-alive decision; the path."""
+        lines = head.decode("iso-8859-1").split("\n")
+        words = lines[0].rstrip("\r").split()
+        self.headers = headers = {}
+        self._close = True
+        self._version = (1, 0)
+        if len(words) == 3:
+            method, target, version = words
+            number = version[5:].split(".") if version.startswith("HTTP/") else ()
+            if len(number) != 2 or not all(n.isdigit() and len(n) <= 10 for n in number):
+                raise _RefusedError(400, f"bad request version {version!r}")
+            self._version = (int(number[0]), int(number[1]))
+            if self._version >= (2, 0):
+                raise _RefusedError(505, f"invalid HTTP version {version}")
+            self._close = self._version < (1, 1)
+        elif len(words) == 2 and words[0] == "GET":
+            method, target = words  # HTTP/0.9: the body alone, then close
+            self._version = (0, 9)
+        else:
+            raise _RefusedError(400, "bad request syntax")
+        if len(lines) > MAX_HEADERS + 1:
+            raise _RefusedError(431, "too many headers")
+        body = False
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                raise _RefusedError(400, "bad header line")  # also folded (obsolete) continuation lines
+            name, value = name.lower(), value.strip()
+            if name == "content-length":  # every one of them: no smuggled second length
+                if not value.isdigit():
+                    raise _RefusedError(400, "bad content-length")
+                body = body or int(value) > 0
+            elif name == "transfer-encoding":
+                body = True
+            headers.setdefault(name, value)
+        connection = headers.get("connection", "").lower()
+        if connection == "close":
+            self._close = True
+        elif connection == "keep-alive" and self._version >= (1, 0):
+            self._close = False
+        if body:
+            raise _RefusedError(413, "this server takes no request bodies")
+        if method not in ("GET", "HEAD"):
+            raise _RefusedError(501, f"unsupported method ({method!r})")
+        self.command = method
+        if target.startswith("//"):
+            target = "/" + target.lstrip("/")  # as http.server: never a scheme-relative path
+        return target.split("?", 1)[0]
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path not in self.public_paths and not self.server.authorized(self.headers.get("Authorization")):
+    def _dispatch(self, path: str) -> None:
+        if path not in self.public_paths and not self.server.authorized(self.headers.get("authorization")):
             self.send(
                 401,
                 b"unauthorized\n",
@@ -217,25 +336,32 @@ class HardenedHandler(BaseHTTPRequestHandler):
             return
         self.handle_get(path)
 
-    do_HEAD = do_GET  # noqa: N815
-
     def handle_get(self, path: str) -> None:
         raise NotImplementedError
 
     def send(
         self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
     ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        """Status line, headers and body (none for HEAD) in one ``sendall``."""
+        if self._version == (0, 9):
+            self.request.sendall(body)  # HTTP/0.9 has no status line or headers
+            return
+        parts = [
+            _STATUS_LINES[status],
+            _date(time.time()),
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n".encode(),
+        ]
         for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
+            parts.append(f"{key}: {value}\r\n".encode("latin-1"))
+        if self._close:
+            parts.append(_CLOSE)
+        elif self._version < (1, 1):
+            parts.append(_KEEP_ALIVE)
+        parts.append(b"\r\n")
         if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence access logs
-        return
+            parts.append(body)
+        self.request.settimeout(self.server.request_timeout)  # a client that never reads is cut off
+        self.request.sendall(b"".join(parts))
 
 
 def server_class(family: socket.AddressFamily) -> Callable[..., HardenedServer]:

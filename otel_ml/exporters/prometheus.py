@@ -75,7 +75,7 @@ class _Handler(HardenedHandler):
             self.send(500, b"collection failed\n", "text/plain; charset=utf-8")
             return
         headers = {}
-        if "gzip" in self.headers.get("Accept-Encoding", ""):
+        if "gzip" in self.headers.get("accept-encoding", ""):
             body = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
         self.send(200, body, CONTENT_TYPE, headers)
