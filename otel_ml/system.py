@@ -39,11 +39,26 @@ from otel_ml.gpu import initialized_cuda
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+#: (pid, fd) of this process's open /proc/self/statm: re-read with pread, reopened after a fork
+#: (an inherited descriptor would still read the parent's numbers).
+_statm: tuple[int, int] | None = None
+
+
+def _statm_fd() -> int:
+    global _statm
+    pid = os.getpid()
+    if _statm is None or _statm[0] != pid:
+        _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+    return _statm[1]
+
+
 def resident_memory_bytes() -> int:
-    """Current resident set size of this process (peak RSS where /proc is unavailable)."""
+    """Current resident set size of this process (peak RSS where /proc is unavailable).
+
+    One ``pread`` of a kept-open ``/proc/self/statm`` (no open/close per scrape: ~10x cheaper).
+    """
     try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE_SIZE
+        return int(os.pread(_statm_fd(), 256, 0).split()[1]) * _PAGE_SIZE
     except (OSError, IndexError, ValueError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024

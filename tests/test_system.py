@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -111,3 +112,20 @@ def test_a_failing_gpu_read_is_counted_and_the_other_devices_still_report():
     assert [r[0] for r in _rows(sampler)] == ["cuda:2"]
     assert errors == [1]
     assert [r[0] for r in _rows(sampler)] == ["cuda:0", "cuda:2"]
+
+
+def test_resident_memory_in_a_forked_child_is_the_childs_own():
+    resident_memory_bytes()  # the parent's descriptor is open now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: grow by ~200 MiB the parent never has
+        try:
+            ballast = bytearray(200 << 20)
+            ballast[::4096] = b"x" * len(ballast[::4096])
+            os.write(write, str(resident_memory_bytes()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = int(os.read(read, 64))
+    os.waitpid(pid, 0)
+    assert child - resident_memory_bytes() > 64 << 20  # the parent's numbers would differ by ~0
