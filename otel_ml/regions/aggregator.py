@@ -292,13 +292,21 @@ class Aggregator:
                         totals[node.export] = totals.get(node.export, 0.0) + getattr(stats, field)
             return totals
 
+        attributes: dict[str, dict[str, str]] = {}  # per exported path, built once (read-only)
+
+        def path_attributes(path: str) -> dict[str, str]:
+            attrs = attributes.get(path)
+            if attrs is None:
+                attrs = attributes[path] = {**labels, semconv.LABEL_PATH: path}
+            return attrs
+
         def self_seconds(_: CallbackOptions) -> Iterable[Observation]:
             items = per_path("self_total", False).items()
-            return [Observation(v, {**labels, semconv.LABEL_PATH: p}) for p, v in items]
+            return [Observation(v, path_attributes(p)) for p, v in items]
 
         def host_seconds(_: CallbackOptions) -> Iterable[Observation]:
             items = per_path("host_total", True).items()
-            return [Observation(v, {**labels, semconv.LABEL_PATH: p}) for p, v in items]
+            return [Observation(v, path_attributes(p)) for p, v in items]
 
         def traced(_: CallbackOptions) -> Iterable[Observation]:
             with self._lock:
