@@ -209,6 +209,8 @@ class HardenedHandler(socketserver.BaseRequestHandler):
         name_native("otel-ml-scrape")  # one thread per connection (ThreadingTCPServer)
         self._key = self.request  # the accepted socket: the server tracks the connection by it
         self.request.settimeout(self.server.request_timeout)
+        with contextlib.suppress(OSError):  # one sendall per response: never wait on Nagle
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.server.tls is not None:
             self.request = self.server.tls.wrap_socket(
                 self.request, server_side=True, do_handshake_on_connect=False
