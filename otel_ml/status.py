@@ -50,6 +50,7 @@ from otel_ml._logging import warn_once
 from otel_ml.health import TelemetryHealth
 from otel_ml.rundir import STATUS_FILE, write_private
 from otel_ml.signals import exception_name, signal_name
+from otel_ml.sources import EpisodeSource, RegionTotals, TrainingState
 
 SCHEMA = 1
 RUNNING, COMPLETED, FAILED, TERMINATED = "running", "completed", "failed", "terminated"
@@ -70,31 +71,11 @@ class BoardSource(Protocol):
     def snapshot(self) -> Sequence[Any]: ...
 
 
-class TrainingSource(Protocol):
-    """What ``log()`` last received (:class:`otel_ml.training.TrainingMetrics`)."""
-
-    @property
-    def step(self) -> int | None: ...
+class TrainingSource(TrainingState, Protocol):
+    """What ``log()`` last received, and when (:class:`otel_ml.training.TrainingMetrics`)."""
 
     @property
     def last_log_time(self) -> float | None: ...
-
-    def latest(self, key: str) -> float | None: ...
-
-
-class EpisodeSource(Protocol):
-    """Anomaly episodes (:class:`otel_ml.anomaly.AnomalyMonitor`)."""
-
-    def episodes(self) -> list[dict[str, Any]]: ...
-
-
-class RegionSource(Protocol):
-    """Step timing (:class:`otel_ml.regions.aggregator.Aggregator`)."""
-
-    steps: int
-    step_time: float
-
-    def self_totals(self) -> dict[str, float]: ...
 
 
 @dataclass
@@ -129,7 +110,7 @@ def top_bar(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     return (with_total or top or [None])[0]
 
 
-def timing_of(regions: RegionSource) -> dict[str, Any] | None:
+def timing_of(regions: RegionTotals) -> dict[str, Any] | None:
     """Mean step ms and ms per step of each top-level region, or None before the first step."""
     steps = int(regions.steps)
     if steps <= 0:
@@ -289,7 +270,7 @@ class StatusWriter:
         board: BoardSource | None = None,
         training: TrainingSource | None = None,
         anomalies: EpisodeSource | None = None,
-        regions: RegionSource | None = None,
+        regions: RegionTotals | None = None,
         interval: float = 5.0,
         health: TelemetryHealth | None = None,
         mono: Callable[[], float] = time.monotonic,

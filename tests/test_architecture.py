@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "otel_ml.console", "otel_ml.health", "otel_ml.histogram", "otel_ml.detectors",
             "otel_ml.collection", "otel_ml.anomaly_config", "otel_ml.config", "otel_ml.ranks",
             "otel_ml.gpu", "otel_ml.threads", "otel_ml.observables", "otel_ml.distribution",
-            "otel_ml.score_lines", "otel_ml.tensor_summary",
+            "otel_ml.score_lines", "otel_ml.tensor_summary", "otel_ml.sources",
         ),
     ),
     ("pipeline and exporters", ("otel_ml.pipeline", "otel_ml.exporters", "otel_ml.exporters.")),

@@ -29,10 +29,11 @@ import time
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from otel_ml.progress.board import BarSnapshot, ProgressBoard
 from otel_ml.progress.render import Flag, RankStatus, region_times, top_level_totals
+from otel_ml.sources import EpisodeSource, RegionTotals, TrainingState
 
 PROGRESS_PATH = "/progress"
 CONTENT_TYPE = "application/json"
@@ -44,30 +45,6 @@ MAX_REGIONS = 32
 MAX_MESSAGE = 200
 #: Seconds of step timing a document describes (once the run is that old).
 WINDOW_S = 30.0
-
-
-class TrainingState(Protocol):
-    """What the payload reads of the training metrics (:class:`otel_ml.training.TrainingMetrics`)."""
-
-    @property
-    def step(self) -> int | None: ...
-
-    def latest(self, key: str) -> float | None: ...
-
-
-class EpisodeSource(Protocol):
-    """Where the anomaly episodes come from (:class:`otel_ml.anomaly.AnomalyMonitor`)."""
-
-    def episodes(self) -> list[dict[str, Any]]: ...
-
-
-class RegionTotals(Protocol):
-    """Where step timing comes from (:class:`otel_ml.regions.aggregator.Aggregator`)."""
-
-    steps: int
-    step_time: float
-
-    def self_totals(self) -> dict[str, float]: ...
 
 
 def bounded_episodes(episodes: list[dict[str, Any]], max_ended: int = MAX_ENDED) -> list[dict[str, Any]]:
