@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from tests.support.torchrun import TorchrunJob, value, wait_for
+
+
+def _stopped(output: str) -> list[dict]:
+    """The ranks' ``STOPPED {...}`` records, wherever torchrun's merged output put them."""
+    record = r'STOPPED (\{"rank": \d+, "step": \d+, "reason": (?:null|\[[^\]]*\])\})'
+    return [json.loads(m) for m in re.findall(record, output)]
+
 
 pytestmark = pytest.mark.integration
 
@@ -312,14 +320,18 @@ HF_STOP_JOB = (
     HF_PARTS
     + """
 import json
+import sys
 import otel_ml
 
 trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Data(),
                   callbacks=[OtelMLCallback(stop_on=["nonfinite"], stop_every=2), Inject()])
 trainer.train()
 reason = otel_ml.stop_reason()
-print("STOPPED", json.dumps({"rank": RANK, "step": trainer.state.global_step,
-                             "reason": None if reason is None else [reason.rank, reason.type, reason.step]}))
+# one write() of one short line: the two ranks share torchrun's stdout, and print() of several
+# arguments writes them apart, so the ranks' words could interleave on one line
+sys.stdout.write("STOPPED " + json.dumps({"rank": RANK, "step": trainer.state.global_step,
+                 "reason": None if reason is None else [reason.rank, reason.type, reason.step]}) + "\\n")
+sys.stdout.flush()
 """
 )
 
@@ -328,7 +340,7 @@ def test_transformers_ranks_stop_together_on_a_nan_of_one_rank(processes, tmp_pa
     pytest.importorskip("transformers")
     job = TorchrunJob.start(processes, tmp_path, HF_STOP_JOB, total=20, pause_at=0, nan_at=3)
     output = job.finish()
-    stopped = [json.loads(line.split("STOPPED ", 1)[1]) for line in output.splitlines() if "STOPPED " in line]
+    stopped = _stopped(output)
     assert sorted(s["rank"] for s in stopped) == [0, 1], output[-4000:]
     # The NaN reaches rank 1's loss at step 3; the agreement (every 2 steps) stops both at step 4.
     assert [s["step"] for s in stopped] == [4, 4]
@@ -339,6 +351,7 @@ LIGHTNING_STOP_JOB = (
     LIGHTNING_PARTS
     + """
 import json
+import sys
 import otel_ml
 
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo"),
@@ -347,8 +360,11 @@ trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_
                      callbacks=[OtelMLCallback(stop_on=["nonfinite"], stop_every=2)])
 trainer.fit(Model(), data)
 reason = otel_ml.stop_reason()
-print("STOPPED", json.dumps({"rank": RANK, "step": trainer.global_step,
-                             "reason": None if reason is None else [reason.rank, reason.type, reason.step]}))
+# one write() of one short line: the two ranks share torchrun's stdout, and print() of several
+# arguments writes them apart, so the ranks' words could interleave on one line
+sys.stdout.write("STOPPED " + json.dumps({"rank": RANK, "step": trainer.global_step,
+                 "reason": None if reason is None else [reason.rank, reason.type, reason.step]}) + "\\n")
+sys.stdout.flush()
 """
 )
 
@@ -357,7 +373,7 @@ def test_lightning_ranks_stop_together_on_a_nan_of_one_rank(processes, tmp_path)
     pytest.importorskip("lightning")
     job = TorchrunJob.start(processes, tmp_path, LIGHTNING_STOP_JOB, total=20, pause_at=0, nan_at=3)
     output = job.finish()
-    stopped = [json.loads(line.split("STOPPED ", 1)[1]) for line in output.splitlines() if "STOPPED " in line]
+    stopped = _stopped(output)
     assert sorted(s["rank"] for s in stopped) == [0, 1], output[-4000:]
     assert len({s["step"] for s in stopped}) == 1 and stopped[0]["step"] < 20, stopped  # together, early
     assert all(s["reason"] == [1, "nonfinite", 3] for s in stopped), stopped
