@@ -328,7 +328,9 @@ def test_distribution_drift_alert_fires_for_a_real_collapsing_reward(
     child = LiveChild.start(processes, COLLAPSING_REWARD_JOB, env=env, cwd=tmp_path)
     run_id = json.loads(child.wait_prefix("{", 60))["run_id"]
     child.wait_prefix("phase 0 done", 60)
-    targets = file_sd_targets(endpoint_files(tmp_path / "run"))
+    # The endpoint file is written by a background thread: the 60 steps can finish before it exists.
+    records = wait_until(lambda: [r for r in endpoint_files(tmp_path / "run") if r.get("url")], 30)
+    targets = file_sd_targets(records)
     reward = f'metric="reward", run_id="{run_id}"'
     drift = f'type="distribution_drift", run_id="{run_id}"'
     with PrometheusServer(
