@@ -148,6 +148,13 @@ class Pump:
     ``once`` jobs run when the thread starts. A failing job is counted every time in
     ``otel_ml_export_errors_total{exporter="jobs"}`` and logged once.
 
+    The jobs in ``drains`` (also in ``jobs``, where their order is kept) are what a collection
+    does too (drain the regions and the deferred values): a tick skips them when ``drained(since)``
+    says a collection did them since the previous tick (``since``: its monotonic time). With
+    Prometheus scraping every second the scrape then drains alone, in one pass over that code a
+    second instead of two (each pass on cold caches costs more than the work it does); without
+    scrapes the pump drains every tick. :meth:`flush` and :meth:`shutdown` always run them.
+
     Example::
 
         pump = Pump(pipeline, jobs=[aggregator.process], interval=15.0)
@@ -162,11 +169,17 @@ class Pump:
         jobs: Sequence[Job] = (),
         once: Sequence[Job] = (),
         interval: float = 15.0,
+        drains: Sequence[Job] = (),
+        drained: Callable[[float], bool] = lambda since: False,
     ) -> None:
         self.pipeline = pipeline
         self.health = pipeline.health
         self.interval = interval
         self._jobs = tuple(jobs)
+        self._undrained = tuple(job for job in self._jobs if job not in drains)
+        self._drained = drained
+        #: Ticks whose drains were skipped because a collection had done them.
+        self.skipped = 0
         self._once = tuple(once)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="otel-ml-pump", daemon=True)
@@ -189,10 +202,17 @@ class Pump:
     def _run(self) -> None:
         name_native(self._thread.name)
         self._run_jobs(self._once)
-        next_push = time.monotonic() + self.interval
+        last_tick = time.monotonic()
+        next_push = last_tick + self.interval
         # Wake for the next push when it comes before the next tick (intervals below TICK).
         while not self._stop.wait(max(0.0, min(TICK, next_push - time.monotonic()))):
-            self._run_jobs(self._jobs)
+            since, last_tick = last_tick, time.monotonic()
+            try:
+                skip = len(self._undrained) < len(self._jobs) and self._drained(since)
+            except Exception:  # noqa: BLE001 - when in doubt, drain
+                skip = False
+            self.skipped += skip
+            self._run_jobs(self._undrained if skip else self._jobs)
             if time.monotonic() >= next_push:
                 self.pipeline.push_metrics()
                 next_push = time.monotonic() + self.interval

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import socket
 import threading
@@ -119,6 +120,8 @@ class Telemetry:
         #: The training metrics for the background side; ``training`` is cleared at shutdown so
         #: that ``log()`` stops, while the final collection still reads these.
         self._training_state: TrainingMetrics | None = None
+        #: When the last collection started draining (monotonic); the pump skips its drain then.
+        self._prepared_at = -math.inf
         if not cfg.enabled:
             return
 
@@ -232,11 +235,14 @@ class Telemetry:
             )
             if self.server.start() is not None:
                 logger.info("otel_ml: rank %d serves %s", self.rank, self.server.url)
+        drains = (training.refresh, timekeeper.aggregator.process)  # what a collection does too
         self.pump = Pump(
             pipeline,
-            jobs=(training.refresh, timekeeper.tick, *((self.status.tick,) if self.status else ())),
+            jobs=(drains[0], timekeeper.housekeep, drains[1], *((self.status.tick,) if self.status else ())),
             once=(self._write_endpoint_file,),
             interval=cfg.metric_export_interval,
+            drains=drains,
+            drained=lambda since: self._prepared_at >= since,
         )
         self.pump.start()
         wants_view = cfg.progress_view == "on" or (cfg.progress_view == "auto" and self.world_size > 1)
@@ -261,6 +267,7 @@ class Telemetry:
         values (which feeds the anomaly queue), aggregate regions (anomaly detection runs first
         inside, so it can flag the steps it closes), then snapshot the progress board and read
         the GPUs once for all their gauges."""
+        self._prepared_at = time.monotonic()
         training, timekeeper = self._training_state, self.timekeeper
         if training is not None:
             training.refresh()

@@ -238,3 +238,80 @@ def test_error_series_start_at_zero_for_the_exporters_in_use_only(tmp_path):
     assert errors == {"prometheus": 0.0}  # no OTLP endpoint, files off: those cannot fail
     t.health.error("otlp")  # one that fails anyway is still counted
     assert t.health.errors["otlp"] == 1
+
+
+def test_pump_skips_its_drains_on_ticks_after_a_collection_drained_and_runs_them_at_flush(monkeypatch):
+    monkeypatch.setattr("otel_ml.pipeline.TICK", 0.02)
+    pipeline = Pipeline(Resource.create({}), Collection(), health=TelemetryHealth())
+    ran: list[str] = []
+    scraping = threading.Event()
+    scraping.set()
+    seen_since: list[float] = []
+
+    def drain() -> None:
+        ran.append("drain")
+
+    def status() -> None:
+        ran.append("status")
+
+    def drained(since: float) -> bool:
+        seen_since.append(since)
+        return scraping.is_set()
+
+    pump = Pump(pipeline, jobs=[drain, status], drains=[drain], drained=drained, interval=3600)
+    pump.start()
+    try:
+        wait_until(lambda: ran.count("status") >= 5, timeout=10, what="five ticks")
+        assert "drain" not in ran and pump.skipped >= 5  # a collection drained since every tick
+        scraping.clear()  # no more scrapes: the pump drains again, before the status job
+        wait_until(lambda: "drain" in ran, timeout=10, what="a drain")
+        assert ran[ran.index("drain") + 1] == "status"
+        scraping.set()
+        ran.clear()
+        pump.flush(timeout=2)  # flush drains whatever the last collection did
+        assert ran[:2] == ["drain", "status"]
+    finally:
+        pump.shutdown(timeout=2)
+    assert ran[-2:] == ["drain", "status"]  # and so does shutdown
+    assert seen_since == sorted(seen_since)  # each tick asks about the time since the previous
+
+
+def test_pump_drains_when_the_drained_check_fails(monkeypatch):
+    monkeypatch.setattr("otel_ml.pipeline.TICK", 0.02)
+    pipeline = Pipeline(Resource.create({}), Collection(), health=TelemetryHealth())
+    ran: list[str] = []
+
+    def broken(since: float) -> bool:
+        raise RuntimeError("no clock")
+
+    pump = Pump(pipeline, jobs=[lambda: ran.append("drain")], drains=[], interval=3600, drained=broken)
+    pump._undrained = ()  # every job is a drain
+    pump.start()
+    try:
+        wait_until(lambda: len(ran) >= 3, timeout=10, what="three drains")
+    finally:
+        pump.shutdown(timeout=2)
+    assert pump.skipped == 0
+
+
+def test_scrapes_do_the_draining_and_without_them_the_pump_does(fresh_runtime, tmp_path):
+    t = runtime.Telemetry(Config.resolve(env={}, **_opts(tmp_path, files="off")))
+    try:
+        aggregator = t.timekeeper.aggregator
+        for step in range(3):
+            with otel_ml.span("forward"):
+                pass
+            t.log(step, loss=1.0)
+        # No scrape: the pump's own tick drains the regions and closes the steps.
+        wait_until(lambda: aggregator.steps >= 2, timeout=10, what="the pump draining")
+        skipped = t.pump.skipped
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:  # scraped more often than the pump ticks
+            t.prometheus_reader.render()
+            time.sleep(0.2)
+        assert t.pump.skipped >= skipped + 2
+        t.log(10, loss=7.0)
+        samples = parse_exposition(t.prometheus_reader.render().decode())
+        assert [v for _, v in samples["otel_ml_loss"]] == [7.0]
+    finally:
+        t.shutdown()

@@ -1,8 +1,8 @@
 """Wires region timing into a running process: recorder, aggregator, live table, CUDA events, summary.
 
 :class:`Timekeeper` builds the parts of region timing and hands each what it needs through its
-constructor; :func:`otel_ml.runtime.Telemetry` runs :meth:`Timekeeper.tick` on the pump and
-:meth:`Timekeeper.finish` at shutdown.
+constructor; :func:`otel_ml.runtime.Telemetry` runs :meth:`Timekeeper.housekeep` and the
+aggregator on the pump and :meth:`Timekeeper.finish` at shutdown.
 
 Example::
 
@@ -100,8 +100,9 @@ class Timekeeper:
         self._dynamo_allowed = False
         recorder.install(self.recorder)
 
-    def tick(self) -> None:
-        """Pump job: turn on CUDA timing once the training code initialised CUDA, then aggregate.
+    def housekeep(self) -> None:
+        """Pump job: turn on CUDA timing once the training code initialised CUDA, release the
+        path nodes of modules that are gone, allow regions under TorchDynamo once it is imported.
 
         The check is ``torch.cuda.is_initialized()``, a flag: this thread never initialises CUDA.
         """
@@ -115,7 +116,6 @@ class Timekeeper:
         if not self._dynamo_allowed:  # torch.compile may import TorchDynamo at any time
             self._dynamo_allowed = recorder.allow_under_dynamo()
         module_tracing.release_nodes()
-        self.aggregator.process()
 
     def finish(self, rank_dir: Path) -> None:
         """Last aggregation; write and print the summary (if enabled and anything was timed)."""
