@@ -23,27 +23,32 @@ class RollingStats:
         s = RollingStats(3); [s.add(v) for v in (1, 2, 3, 4)]; s.mean  # 3.0
     """
 
+    __slots__ = ("_sum", "_sumsq", "_values", "_window")
+
     def __init__(self, window: int) -> None:
         self._values: deque[float] = deque()
-        self._window = window
+        self._window = max(1, window)
         self._sum = 0.0
         self._sumsq = 0.0
 
     def add(self, value: float) -> None:
-        self._values.append(value)
-        self._sum += value
-        self._sumsq += value * value
-        if len(self._values) > self._window:
-            old = self._values.popleft()
-            self._sum -= old
-            self._sumsq -= old * old
+        values = self._values
+        if len(values) >= self._window:
+            old = values.popleft()
+            self._sum += value - old
+            self._sumsq += value * value - old * old
+        else:
+            self._sum += value
+            self._sumsq += value * value
+        values.append(value)
 
     def __len__(self) -> int:
         return len(self._values)
 
     @property
     def mean(self) -> float:
-        return self._sum / len(self._values) if self._values else math.nan
+        n = len(self._values)
+        return self._sum / n if n else math.nan
 
     @property
     def std(self) -> float:
@@ -51,7 +56,19 @@ class RollingStats:
         if n < 2:
             return 0.0
         variance = (self._sumsq - self._sum * self._sum / n) / (n - 1)
-        return math.sqrt(max(0.0, variance))
+        return math.sqrt(variance) if variance > 0.0 else 0.0
+
+    def limit(self, zscore: float) -> tuple[float, float]:
+        """``(mean, mean + zscore * std)`` in one call (the detectors' hot path; NaN when empty)."""
+        n = len(self._values)
+        if not n:
+            return math.nan, math.nan
+        total = self._sum
+        mean = total / n
+        if n < 2:
+            return mean, mean
+        variance = (self._sumsq - total * total / n) / (n - 1)
+        return mean, mean + zscore * math.sqrt(variance) if variance > 0.0 else mean
 
 
 class SpikeDetector:
@@ -82,8 +99,7 @@ class SpikeDetector:
             return True
         stats = self.stats
         if self.zscore > 0 and len(stats) >= self.warmup:
-            mean = stats.mean
-            limit = mean + self.zscore * stats.std
+            mean, limit = stats.limit(self.zscore)
             if value > limit and value - mean > self.min_rise * abs(mean):
                 return True
         stats.add(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import urllib.request
 
 import pytest
@@ -23,6 +24,26 @@ def test_rolling_stats_match_the_window():
     for v in (10.0, 1.0, 2.0, 3.0):
         stats.add(v)
     assert stats.mean == 2.0 and stats.std == pytest.approx(1.0) and len(stats) == 3
+
+
+def test_rolling_limit_is_the_mean_and_the_band_of_the_window_recomputed_from_scratch():
+    stats, window = RollingStats(50), []
+    assert all(math.isnan(x) for x in stats.limit(6.0))
+    stats.add(4.0)
+    assert stats.limit(6.0) == (4.0, 4.0)  # one value: no spread yet
+    window.append(4.0)
+    for i in range(500):
+        value = 1.0 + (i * 7919 % 101) / 10.0
+        stats.add(value)
+        window = [*window, value][-50:]
+        mean, limit = stats.limit(3.0)
+        assert mean == pytest.approx(statistics.fmean(window), rel=1e-9)
+        assert limit == pytest.approx(mean + 3.0 * statistics.stdev(window), rel=1e-9)
+    constant = RollingStats(5)
+    for _ in range(10):
+        constant.add(0.1)  # the running sums' rounding leaves a variance a hair off zero, either side
+    assert constant.limit(6.0) == pytest.approx((0.1, 0.1), abs=1e-6)
+    assert 0.0 <= constant.std < 1e-6
 
 
 def test_spike_detector_needs_warmup_and_both_a_zscore_and_a_relative_rise():

@@ -98,5 +98,7 @@ class StepFlags:
 
     def pop(self, step: int | None) -> list[tuple[str, dict[str, Any]]] | None:
         """The events flagged for ``step`` (None when it was not flagged), forgetting them."""
+        if not self._flags:  # almost every step: no lock (flags of a step come before it closes)
+            return None
         with self._lock:
             return self._flags.pop(step, None)
