@@ -81,16 +81,25 @@ def make_dirs(directory: Path) -> None:
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a temporary file, then a rename), user-only.
 
-    Readers polling the file (rank 0's view, ``otel-ml targets``) never see half a file.
-    Raises ``OSError``; callers decide how to report it.
+    Readers polling the file (rank 0's view, ``otel-ml targets``) never see half a file. The
+    directory is created when missing (status files are rewritten every few seconds: the usual
+    case costs an open, a write and a rename). Raises ``OSError``; callers decide how to report it.
     """
-    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        tmp.replace(path)
+        fd = os.open(tmp, flags, FILE_MODE)
+    except FileNotFoundError:
+        make_dirs(path.parent)
+        fd = os.open(tmp, flags, FILE_MODE)
+    try:
+        try:
+            view = memoryview(text.encode("utf-8"))
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -66,9 +66,13 @@ LOCK_TIMEOUT = 2.0
 
 
 class BoardSource(Protocol):
-    """The progress bars (:class:`otel_ml.progress.board.ProgressBoard`: rows with ``as_dict()``)."""
+    """The progress bars (:class:`otel_ml.progress.board.ProgressBoard`: rows with ``as_dict()``)
+    and the last top-level bar closed (a row, or None)."""
 
     def snapshot(self) -> Sequence[Any]: ...
+
+    @property
+    def last_closed(self) -> Any | None: ...
 
 
 class TrainingSource(TrainingState, Protocol):
@@ -83,6 +87,8 @@ class Sample:
     """What the sources said at one moment (the input of :meth:`StatusBuilder.document`)."""
 
     bars: list[dict[str, Any]] = field(default_factory=list)
+    #: The last top-level bar closed, as it was then (reported when no top-level bar is open).
+    closed_bar: dict[str, Any] | None = None
     step: int | None = None
     last_step_time: float | None = None
     loss: float | None = None
@@ -198,14 +204,17 @@ class StatusBuilder:
             return None
         return (steps[-1][1] - steps[0][1]) / (steps[-1][0] - steps[0][0])
 
-    def observe(self, bars: Sequence[Mapping[str, Any]], step: int | None, at: float | None) -> None:
-        """Remember the top-level bar and the step between documents (every pump tick), so that a
-        bar closed just before exit is reported as it last was, not as of the previous write."""
-        self._progress(bars)
+    def observe(self, step: int | None, at: float | None) -> None:
+        """Remember the step between documents (every pump tick): the rate's window."""
         self._rate(step, at)
 
-    def _progress(self, bars: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-        row = top_bar(bars)
+    def _progress(
+        self, bars: Sequence[Mapping[str, Any]], closed: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The top-level bar; when none is open, the last one closed as it was then (``closed``),
+        else the last one seen by an earlier document, both marked closed."""
+        open_row = top_bar(bars)
+        row = open_row if open_row is not None else closed
         if row is not None:
             self._bar = {
                 "task": str(row.get("task", "")),
@@ -216,7 +225,8 @@ class StatusBuilder:
                 "eta_seconds": row.get("eta"),
                 "open": True,
             }
-            return dict(self._bar)
+            if open_row is not None:
+                return dict(self._bar)
         if self._bar is None:
             return None
         return {**self._bar, "eta_seconds": None, "open": False}  # closed: its last state
@@ -241,7 +251,7 @@ class StatusBuilder:
                 "step": sample.step,
                 "loss": sample.loss,
                 "steps_per_second": self._rate(sample.step, sample.last_step_time),
-                "progress": self._progress(sample.bars),
+                "progress": self._progress(sample.bars, sample.closed_bar),
                 "timing": sample.timing,
                 "anomalies": [
                     {**episode, "message": str(episode.get("message", ""))[:MAX_MESSAGE]}
@@ -291,21 +301,23 @@ class StatusWriter:
         self._next = -math.inf
         self._lock = threading.RLock()  # a signal handler may write while this thread writes
 
-    def sample(self, full: bool = True) -> Sample:
-        """What the sources say now (only bars and step unless ``full``)."""
-        training, anomalies, regions = self._training, self._anomalies, self._regions
+    def sample(self) -> Sample:
+        """What the sources say now."""
+        training, anomalies, regions, board = self._training, self._anomalies, self._regions, self._board
+        closed = getattr(board, "last_closed", None)
         return Sample(
-            bars=[r.as_dict() for r in self._board.snapshot()] if self._board is not None else [],
+            bars=[r.as_dict() for r in board.snapshot()] if board is not None else [],
+            closed_bar=None if closed is None else closed.as_dict(),
             step=None if training is None else training.step,
             last_step_time=None if training is None else training.last_log_time,
-            loss=None if training is None or not full else training.latest("loss"),
-            episodes=[] if anomalies is None or not full else anomalies.episodes(),
-            timing=None if regions is None or not full else timing_of(regions),
+            loss=None if training is None else training.latest("loss"),
+            episodes=[] if anomalies is None else anomalies.episodes(),
+            timing=None if regions is None else timing_of(regions),
         )
 
     def tick(self) -> None:
-        """Write when ``interval`` seconds have passed since the last write, else only look at
-        the top-level bar and the step (a pump job: every second)."""
+        """Write when ``interval`` seconds have passed since the last write, else only read the
+        step (a pump job: every second; the board keeps the last closed bar for the next write)."""
         if self.finished or os.getpid() != self._pid:
             return
         if self._mono() >= self._next:
@@ -313,8 +325,9 @@ class StatusWriter:
             return
         try:
             with self._lock:
-                sample = self.sample(full=False)
-                self.builder.observe(sample.bars, sample.step, sample.last_step_time)
+                training = self._training
+                if training is not None:
+                    self.builder.observe(training.step, training.last_log_time)
         except Exception as exc:  # noqa: BLE001 - the next write reports the source's failure
             warn_once("status-observe", "otel_ml: status.json could not read its sources: %r", exc)
 

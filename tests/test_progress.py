@@ -56,6 +56,26 @@ def test_a_bar_exports_done_total_rate_eta_and_elapsed(board):
     assert board.active == {"train": 0}
 
 
+def test_the_board_keeps_the_last_top_level_bar_as_it_closed(board):
+    clock = FakeClock(100.0)
+    assert board.last_closed is None
+    outer = _bar(clock, total=3, desc="epochs", unit="epoch")
+    inner = _bar(clock, total=100, desc="train", unit="batch")
+    clock.now += 10
+    inner.update(99)
+    inner.close()  # nested: not the loop's bar
+    assert board.last_closed is None
+    outer.update(2)
+    outer.close()
+    assert (board.last_closed.task, board.last_closed.completed, board.last_closed.total) == (
+        "epochs",
+        2.0,
+        3.0,
+    )
+    board.reset()
+    assert board.last_closed is None
+
+
 def test_series_carry_rank_run_id_task_unit_and_parent(board):
     clock = FakeClock(100.0)
     collection = Collection()

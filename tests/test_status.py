@@ -173,24 +173,52 @@ def test_tick_writes_at_once_then_only_after_the_interval(tmp_path):
 class Board:
     def __init__(self) -> None:
         self.rows: list[BarSnapshot] = []
+        self.last_closed: BarSnapshot | None = None
+        self.snapshots = 0
 
     def snapshot(self) -> list[BarSnapshot]:
+        self.snapshots += 1
         return list(self.rows)
 
 
-def test_ticks_between_writes_keep_the_bar_so_one_closed_before_exit_shows_its_last_count(tmp_path):
+def test_a_bar_closed_before_exit_shows_its_count_at_close_from_the_board(tmp_path):
     mono, board = Clock(0.0), Board()
     writer = make_writer(tmp_path, interval=5.0, mono=mono, board=board)
     board.rows = [BarSnapshot("train", "step", "", 10.0, 100.0, 2.0, 45.0, 5.0)]
     writer.tick()
-    mono.now = 4.0
-    board.rows = [BarSnapshot("train", "step", "", 99.0, 100.0, 2.0, 0.5, 5.0)]
-    writer.tick()  # not due: nothing written, the bar is remembered
     assert read_status(tmp_path / "rank-3")["progress"]["completed"] == 10.0
-    board.rows = []  # the loop closed its bar, then the process shuts down
+    mono.now = 4.0
+    board.rows = []  # the loop closed its bar at 99, then the process shuts down
+    board.last_closed = BarSnapshot("train", "step", "", 99.0, 100.0, 2.0, 0.5, 5.0)
     writer.finish()
     progress = read_status(tmp_path / "rank-3")["progress"]
     assert (progress["completed"], progress["open"], progress["eta_seconds"]) == (99.0, False, None)
+
+
+def test_an_open_bar_wins_over_an_earlier_closed_one(tmp_path):
+    board = Board()
+    writer = make_writer(tmp_path, board=board)
+    board.last_closed = BarSnapshot("epoch 1", "step", "", 100.0, 100.0, 2.0, 0.0, 50.0)
+    board.rows = [BarSnapshot("epoch 2", "step", "", 3.0, 100.0, 2.0, 48.5, 1.5)]
+    writer.write()
+    progress = read_status(tmp_path / "rank-3")["progress"]
+    assert (progress["task"], progress["completed"], progress["open"]) == ("epoch 2", 3.0, True)
+
+
+def test_ticks_between_writes_read_the_step_only_not_the_bars(tmp_path):
+    mono, board = Clock(0.0), Board()
+    writer = make_writer(tmp_path, interval=5.0, mono=mono, board=board)
+    board.rows = [BarSnapshot("train", "step", "", 10.0, 100.0, 2.0, 45.0, 5.0)]
+    writer.tick()  # due: one write, one snapshot
+    training = writer._training
+    for second in (1, 2, 3, 4):
+        mono.now = float(second)
+        training.step, training.last_log_time = 7 + 2 * second, 123.0 + second  # type: ignore[union-attr]
+        writer.tick()
+    assert board.snapshots == 1 and writer.writes == 1
+    mono.now = 5.0
+    writer.tick()
+    assert read_status(tmp_path / "rank-3")["steps_per_second"] == pytest.approx(2.0)  # from the ticks
 
 
 def test_the_file_is_user_only_and_a_reader_never_sees_half_a_document(tmp_path):

@@ -90,6 +90,9 @@ class ProgressBoard:
         self._lock = threading.RLock()
         self._open: list[Tracked] = []
         self.active: dict[str, int] = {}
+        #: The last top-level bar closed, as it was when it closed (what ``status.json`` reports
+        #: after the loop's bar is gone), or None.
+        self.last_closed: BarSnapshot | None = None
 
     def configure(self, *, rank: int, max_tasks: int) -> None:
         """Set this process's rank and task budget (``init()`` does); drop closed bars' labels.
@@ -109,6 +112,7 @@ class ProgressBoard:
             self.max_tasks = MAX_TASKS
             self._open.clear()
             self.active.clear()
+            self.last_closed = None
 
     def rank(self) -> int:
         """The rank bars print for: the configured one, else the launcher's environment."""
@@ -147,6 +151,8 @@ class ProgressBoard:
             if not any(t.task == tracked.task for t in self._open):
                 self.active[tracked.task] = 0
             parent = tracked.parent
+            if parent is None:  # once per bar: what status.json shows once the loop's bar is gone
+                self.last_closed = _own_row(tracked) or self.last_closed
             if parent is not None and parent in self._open:
                 unit = str(tracked.bar.unit)
                 parent.children_done[unit] = parent.children_done.get(unit, 0.0) + float(tracked.bar.n)
