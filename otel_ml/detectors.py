@@ -42,6 +42,42 @@ class RollingStats:
             self._sumsq += value * value
         values.append(value)
 
+    def add_and_mean(self, value: float) -> float:
+        """:meth:`add`, then the new mean (one call: the plateau check's hot path)."""
+        values = self._values
+        if len(values) >= self._window:
+            old = values.popleft()
+            self._sum += value - old
+            self._sumsq += value * value - old * old
+        else:
+            self._sum += value
+            self._sumsq += value * value
+        values.append(value)
+        return self._sum / len(values)
+
+    def check_and_add(self, value: float, zscore: float, warmup: int, min_rise: float) -> bool:
+        """True when ``value`` is above ``mean + zscore * std`` of the window and ``min_rise``
+        (relative) above its mean, once the window holds ``warmup`` values (``zscore`` 0: never);
+        else ``value`` joins the window. One call per value: the spike checks' hot path."""
+        values = self._values
+        n = len(values)
+        if zscore > 0 and n >= warmup and n:
+            total = self._sum
+            mean = total / n
+            variance = (self._sumsq - total * total / n) / (n - 1) if n > 1 else 0.0
+            limit = mean + zscore * math.sqrt(variance) if variance > 0.0 else mean
+            if value > limit and value - mean > min_rise * abs(mean):
+                return True
+        if n >= self._window:
+            old = values.popleft()
+            self._sum += value - old
+            self._sumsq += value * value - old * old
+        else:
+            self._sum += value
+            self._sumsq += value * value
+        values.append(value)
+        return False
+
     def __len__(self) -> int:
         return len(self._values)
 
@@ -97,13 +133,7 @@ class SpikeDetector:
     def observe(self, value: float) -> bool:
         if self.maximum > 0 and value > self.maximum:
             return True
-        stats = self.stats
-        if self.zscore > 0 and len(stats) >= self.warmup:
-            mean, limit = stats.limit(self.zscore)
-            if value > limit and value - mean > self.min_rise * abs(mean):
-                return True
-        stats.add(value)
-        return False
+        return self.stats.check_and_add(value, self.zscore, self.warmup, self.min_rise)
 
 
 class PlateauDetector:
@@ -127,8 +157,7 @@ class PlateauDetector:
     def observe(self, value: float) -> bool:
         if self.patience <= 0:
             return False
-        self.stats.add(value)
-        level = self.stats.mean
+        level = self.stats.add_and_mean(value)
         if level < self.best - self.tolerance * abs(self.best) or math.isinf(self.best):
             self.best = level
             self.since = 0

@@ -46,6 +46,21 @@ def test_rolling_limit_is_the_mean_and_the_band_of_the_window_recomputed_from_sc
     assert 0.0 <= constant.std < 1e-6
 
 
+def test_spike_decisions_match_a_from_scratch_reference_on_a_stream_with_spikes():
+    spike, window, got, want = SpikeDetector(window=30, zscore=4.0, min_rise=0.5, warmup=10), [], [], []
+    for i in range(3000):
+        value = 1.0 + (i * 7919 % 97) / 100.0 + (40.0 if i % 211 == 0 else 0.0)
+        anomalous = False
+        if len(window) >= 10:
+            mean, std = statistics.fmean(window), statistics.stdev(window)
+            anomalous = value > mean + 4.0 * std and value - mean > 0.5 * abs(mean)
+        if not anomalous:  # a spike stays out of the window
+            window = [*window, value][-30:]
+        want.append(anomalous)
+        got.append(spike.observe(value))
+    assert got == want and sum(got) >= 10
+
+
 def test_spike_detector_needs_warmup_and_both_a_zscore_and_a_relative_rise():
     spike = SpikeDetector(window=50, zscore=4.0, min_rise=0.5, warmup=10)
     noisy = [1.0 + 0.01 * (i % 5) for i in range(30)]
