@@ -317,9 +317,10 @@ class AnomalyMonitor:
 
     def register(self, meter: Meter, attributes: Mapping[str, str]) -> None:
         attrs = dict(attributes)
+        typed = {t: {**attrs, semconv.LABEL_TYPE: t} for t in TYPES}  # built once, read-only
 
         def series(values: dict[str, int]) -> Iterable[Observation]:
-            return [Observation(n, {**attrs, semconv.LABEL_TYPE: t}) for t, n in list(values.items())]
+            return [Observation(n, typed[t]) for t, n in list(values.items())]
 
         for spec, values in ((semconv.ANOMALY_ACTIVE, self.active), (semconv.ANOMALIES, self.counts)):
             create = (

@@ -54,10 +54,18 @@ class TelemetryHealth:
     def register(self, meter: Meter, attributes: Mapping[str, str]) -> None:
         """Create the two observable counters on ``meter``, labelled with ``attributes``."""
 
+        labelled: dict[tuple[str, str], dict[str, str]] = {}  # few keys (exporters, signals): kept
+
         def observe(counts: dict[str, int], label: str) -> Iterable[Observation]:
             with self._lock:
                 items = list(counts.items())
-            return [Observation(n, {**attributes, label: key}) for key, n in items]
+            out = []
+            for key, n in items:
+                attrs = labelled.get((label, key))
+                if attrs is None:
+                    attrs = labelled[(label, key)] = {**attributes, label: key}
+                out.append(Observation(n, attrs))
+            return out
 
         def errors(_: CallbackOptions) -> Iterable[Observation]:
             return observe(self.errors, semconv.LABEL_EXPORTER)

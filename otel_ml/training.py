@@ -323,14 +323,15 @@ class TrainingMetrics:
         aggregated by otel_ml (a bisect per step) rather than by the OTel SDK (about 7 µs per
         ``record()``), and handed to the readers by :meth:`metrics`.
         """
-        durations = self._durations
-        observe = self.step_durations.observe
+        durations, taken = self._durations, []
+        popleft, take = durations.popleft, taken.append
         for _ in range(len(durations)):
             try:
-                value = durations.popleft()
+                take(((), popleft()))
             except IndexError:  # another collector (scrape or pump) drained it meanwhile
-                return
-            observe((), value)
+                break
+        if taken:
+            self.step_durations.observe_many(taken)  # one lock for all of them
 
     def metrics(self) -> list[Metric]:
         """The step-duration histogram, a source of :class:`otel_ml.collection.Collection`."""
