@@ -178,7 +178,7 @@ def threads(runs: int, steps: int) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-background-"))
     got: dict[str, list[float]] = defaultdict(list)
     for _ in range(runs):
-        result = bench_overhead._finish(bench_overhead._start("instrumented", steps, 20, 1.0, tmp, 0))
+        result = bench_overhead._finish(bench_overhead._start("instrumented", steps, 150, 1.0, tmp, 0))
         for name, cpu in result["thread_cpu_s"].items():
             if name.startswith(("otel-ml", "(background")):
                 got[name].append(cpu / result["seconds"] * 1e3)
