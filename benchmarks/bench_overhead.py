@@ -1,6 +1,6 @@
 """What full instrumentation costs a user: separate processes, plain vs. instrumented, in pairs.
 
-    python benchmarks/bench_overhead.py            # 10 pairs + 5 control pairs, about 6 minutes
+    python benchmarks/bench_overhead.py            # 10 pairs + 10 control pairs, about 10 minutes
     python benchmarks/bench_overhead.py --quick    # 3 + 2 pairs, a smoke run
     python benchmarks/bench_overhead.py --layout sequential   # a pair's runs one after the other
 
@@ -246,8 +246,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 pairs + 2 control pairs, fewer steps")
     parser.add_argument("--pairs", type=int, help="plain/instrumented pairs (default 10, quick 3)")
-    parser.add_argument("--control", type=int, help="plain/plain pairs (default 5, quick 2)")
-    parser.add_argument("--steps", type=int, help="measured steps per run (default 200, quick 60)")
+    parser.add_argument("--control", type=int, help="plain/plain pairs (default 10, quick 2)")
+    parser.add_argument("--steps", type=int, help="measured steps per run (default 300, quick 60)")
     parser.add_argument(
         "--warmup",
         type=int,
@@ -263,8 +263,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     pairs = args.pairs or (3 if args.quick else 10)
-    control = args.control if args.control is not None else (2 if args.quick else 5)
-    steps = args.steps or (60 if args.quick else 200)
+    control = args.control if args.control is not None else (2 if args.quick else 10)
+    steps = args.steps or (60 if args.quick else 300)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-overhead-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
