@@ -317,10 +317,11 @@ class AnomalyMonitor:
 
     def register(self, meter: Meter, attributes: Mapping[str, str]) -> None:
         attrs = dict(attributes)
-        typed = {t: {**attrs, semconv.LABEL_TYPE: t} for t in TYPES}  # built once, read-only
+        checked = self.config.checked_types()  # a type whose check is off has no series
+        typed = [(t, {**attrs, semconv.LABEL_TYPE: t}) for t in checked]  # built once, read-only
 
         def series(values: dict[str, int]) -> Iterable[Observation]:
-            return [Observation(n, typed[t]) for t, n in list(values.items())]
+            return [Observation(values[t], labels) for t, labels in typed]
 
         for spec, values in ((semconv.ANOMALY_ACTIVE, self.active), (semconv.ANOMALIES, self.counts)):
             create = (

@@ -166,6 +166,29 @@ class AnomalyConfig:
         ),
     )
 
+    def checked_types(self) -> tuple[str, ...]:
+        """The anomaly types this configuration checks, in :data:`TYPES` order: each exports its
+        two series from startup; a type whose check is off (``distribution_drift`` by default, or
+        a threshold set to 0) exports none, so it costs no series and shows no false "all clear".
+
+        Example::
+
+            AnomalyConfig().checked_types()  # every type but 'distribution_drift'
+        """
+        if not self.anomaly_detection:
+            return ()
+        checked = {
+            NONFINITE: True,
+            KL_SPIKE: self.kl_zscore > 0 or self.kl_max > 0,
+            LOSS_SPIKE: self.loss_spike_zscore > 0,
+            LOSS_PLATEAU: self.plateau_patience > 0,
+            GRAD_EXPLOSION: self.grad_explosion_factor > 0 or self.grad_norm_max > 0,
+            STALL: self.stall_seconds > 0,
+            DISTRIBUTION_DRIFT: bool(self.drift_keys)
+            and (self.drift_zscore > 0 or self.drift_spread_fraction > 0),
+        }
+        return tuple(kind for kind in TYPES if checked[kind])
+
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> AnomalyConfig:
         values = resolve_values(cls, os.environ if env is None else env, kwargs)

@@ -302,7 +302,7 @@ ANOMALY_ACTIVE = MetricSpec(
     "otel_ml_anomaly_active",
     "1",
     "gauge",
-    "1 during an anomaly episode of this type on this rank, else 0 (series exist from startup).",
+    "1 during an anomaly episode of this type on this rank, else 0 (from startup, for each type checked).",
     "in-process detectors",
     (LABEL_TYPE,),
 )

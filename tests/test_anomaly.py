@@ -161,8 +161,8 @@ def test_stall_is_detected_from_the_clock_and_ends_with_the_next_step():
     assert monitor.active["stall"] == 0
 
 
-def test_all_types_export_from_startup_with_rank_and_run_id():
-    monitor, _, _, _ = _monitor()
+def _exported_types(**config) -> tuple[dict, set[str], set[str]]:
+    monitor, _, _, _ = _monitor(**config)
     collection = Collection()
     collection.register(prepare=monitor.process)  # as the runtime's pre-collection hook does
     reader = PullReader(collection)
@@ -170,10 +170,29 @@ def test_all_types_export_from_startup_with_rank_and_run_id():
     monitor.register(provider.get_meter("t"), {"rank": "3", "run_id": "r"})
     monitor.observations.append((0, "loss", math.nan))
     got = points(reader)
+    active = {attrs["type"] for attrs, _ in got.get("otel_ml_anomaly_active", [])}
+    counted = {attrs["type"] for attrs, _ in got.get("otel_ml_anomalies", [])}
+    return got, active, counted
+
+
+def test_every_checked_type_exports_from_startup_with_rank_and_run_id():
+    got, active, counted = _exported_types(drift_keys=("reward",))
+    assert active == counted == set(TYPES)
     for kind in TYPES:
         expected = 1 if kind == "nonfinite" else 0
         assert value(got, "otel_ml_anomaly_active", type=kind, rank="3", run_id="r") == expected
         assert value(got, "otel_ml_anomalies", type=kind) == expected
+
+
+def test_a_type_whose_check_is_off_exports_no_series():
+    _, active, counted = _exported_types()  # the defaults: distribution_drift is off
+    assert active == counted == set(TYPES) - {"distribution_drift"}
+    _, active, _ = _exported_types(stall_seconds=0, kl_zscore=0, kl_max=0, plateau_patience=0)
+    assert active == {"nonfinite", "loss_spike", "grad_explosion"}
+    _, active, _ = _exported_types(kl_zscore=0, kl_max=5.0)  # an absolute threshold alone checks
+    assert "kl_spike" in active
+    _, active, counted = _exported_types(anomaly_detection=False)
+    assert active == counted == set()
 
 
 def test_disabled_detection_keeps_nothing():
