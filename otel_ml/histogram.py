@@ -75,6 +75,22 @@ class LabeledHistograms:
                 if value > series.max:
                     series.max = value
 
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock every update and snapshot holds (a caller updating series itself takes it)."""
+        return self._lock
+
+    def series_for(self, key: tuple[str, ...]) -> _Series:
+        """The series of ``key``, made empty if missing; the caller holds :attr:`lock`.
+
+        The C accounting of region durations (``otel_ml/regions/_cregion_account.c``) reads and
+        writes the series it gets here: ``counts`` (a list), ``sum``, ``min`` and ``max``.
+        """
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(len(self.bounds) + 1)
+        return series
+
     def add(self, key: tuple[str, ...], counts: Sequence[int], total: float, low: float, high: float) -> None:
         """Merge pre-aggregated bucket ``counts`` (same bounds), their sum and extrema into ``key``."""
         with self._lock:

@@ -472,6 +472,10 @@ PyMODINIT_FUNC PyInit__cregion(void) {
         Py_DECREF(module);
         return NULL;
     }
+    if (account_init(module) < 0) { /* PathStats and account(): see _cregion_account.c */
+        Py_DECREF(module);
+        return NULL;
+    }
     /* The record layout this build was compiled with: otel_ml.regions.recorder checks it at
      * import against RECORD_LAYOUT and refuses a build that disagrees. */
     static const struct { const char *name; int slot; } layout[] = {

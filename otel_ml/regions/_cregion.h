@@ -1,5 +1,6 @@
-/* Shared by _cregion.c (the hot path: regions, cells, the module) and _cregion_queue.c (the
- * finished records and the entry lists the export thread makes of them). See _cregion.c. */
+/* Shared by _cregion.c (the hot path: regions, cells, the module), _cregion_queue.c (the
+ * finished records and the entry lists the export thread makes of them) and _cregion_account.c
+ * (the export thread's accounting of finished regions). See _cregion.c. */
 #ifndef OTEL_ML_CREGION_H
 #define OTEL_ML_CREGION_H
 
@@ -40,5 +41,7 @@ INTERNAL int queue_init(void);
 /* Module functions drain(finished) and finish(entry). */
 INTERNAL PyObject *queue_drain(PyObject *module, PyObject *finished);
 INTERNAL PyObject *queue_finish(PyObject *module, PyObject *entry);
+/* _cregion_account.c: add PathStats, account(), close_window() and their constants to the module. */
+INTERNAL int account_init(PyObject *module);
 
 #endif

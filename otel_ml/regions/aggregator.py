@@ -8,6 +8,12 @@ sampling: every Nth step and every slow step (:class:`otel_ml.regions.sampling.T
 OTel spans built with the regions' original timestamps: a root ``otel_ml.step`` span per step and
 one span per region, with the parent/child structure of the nesting.
 
+The per-region accounting runs in C (``_cregion.account``, ``otel_ml/regions/_cregion_account.c``)
+when the C regions do, with the same results; the Python loop is the fallback.
+
+Over 400 lines: the drain of finished regions is here twice, the loop around the C accounting
+and the Python one it falls back to, side by side so that the two cannot drift apart.
+
 Example::
 
     agg = Aggregator(recorder, tracer, {"rank": "0", "run_id": "r"}, sampler=TraceSampler(every=10))
@@ -17,8 +23,10 @@ Example::
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -35,6 +43,7 @@ from otel_ml.names import valid_text
 from otel_ml.regions.cuda_events import PENDING
 from otel_ml.regions.pathtree import PathNode
 from otel_ml.regions.recorder import (
+    ACCELERATED,
     CHILD,
     END,
     ERROR,
@@ -48,7 +57,7 @@ from otel_ml.regions.recorder import (
     Recorder,
 )
 from otel_ml.regions.sampling import ANOMALY, ERROR_REASON, EVERY, SLOW, StepFlags, TraceSampler
-from otel_ml.regions.stats import PathStats, SummaryRow, build_summary
+from otel_ml.regions.stats import RESERVOIR, PathStats, SummaryRow, build_summary
 
 #: Finished regions kept while waiting for their step's sampling decision.
 MAX_OPEN = 1 << 16
@@ -56,6 +65,37 @@ MAX_OPEN = 1 << 16
 #: finished regions queue behind one that waits; then it is timed on the host (and counted).
 GPU_WAIT_NS = 30_000_000_000
 MAX_GPU_BACKLOG = 1 << 16
+
+
+#: The contract of ``_cregion.account()`` this module calls (``ACCOUNTING`` in ``_cregion_account.c``).
+ACCOUNTING = 1
+
+
+def _load_accounting() -> Any:
+    """The C extension when it does the accounting of :meth:`Aggregator._drain_finished` and the
+    common part of :meth:`Aggregator._drain_boundaries` (``otel_ml/regions/_cregion_account.c``),
+    or None for the Python loops: with the Python regions (``OTEL_ML_PURE_PYTHON=1``, no build), or
+    when the built extension predates it or disagrees (then a warning, or ImportError under
+    ``OTEL_ML_REQUIRE_C=1``, as :func:`otel_ml.regions.recorder._load_c` does for the regions)."""
+    if not ACCELERATED:
+        return None
+    from otel_ml.regions import _cregion
+
+    version, reservoir = getattr(_cregion, "ACCOUNTING", None), getattr(_cregion, "RESERVOIR", None)
+    if version == ACCOUNTING and reservoir == RESERVOIR and hasattr(_cregion, "PathStats"):
+        return _cregion
+    message = (
+        f"otel_ml.regions._cregion is a stale build (accounting {version}, reservoir {reservoir}; "
+        f"this otel_ml needs {ACCOUNTING} and {RESERVOIR}); rebuild it (pip install -e .)"
+    )
+    if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
+        raise ImportError(message)
+    warnings.warn(message + "; accounting regions in Python", RuntimeWarning, stacklevel=2)
+    return None
+
+
+#: The C extension when the accounting runs in C, None for the Python loops.
+ACCOUNTING_C = _load_accounting()
 
 
 def has_span_destination(tracer: Tracer) -> bool:
@@ -99,7 +139,13 @@ class Aggregator:
         self._wall_offset = (
             time.time_ns() - time.perf_counter_ns() if wall_offset_ns is None else wall_offset_ns
         )
+        #: Per path node; with the C accounting the values are ``_cregion.PathStats``, the C twin
+        #: of :class:`PathStats` (same attributes).
         self.stats: dict[PathNode, PathStats] = {}
+        #: The C loops of :meth:`_drain_finished` and :meth:`_drain_boundaries` (``account`` and
+        #: ``close_window`` of :data:`ACCOUNTING_C`), or None for the Python ones.
+        self._account = None if ACCOUNTING_C is None else ACCOUNTING_C.account
+        self._close_window = None if ACCOUNTING_C is None else ACCOUNTING_C.close_window
         self.histograms = LabeledHistograms(semconv.SPAN_DURATION_BUCKETS)
         self.traced = {EVERY: 0, SLOW: 0, ANOMALY: 0, ERROR_REASON: 0}
         self.steps = 0
@@ -137,6 +183,35 @@ class Aggregator:
 
     def _drain_finished(self) -> None:
         """Account finished regions in the order they ended (one histogram lock per drain)."""
+        if self._account is None:
+            self._drain_finished_python()
+            return
+        # The C loop accounts the regions timed on the host and stops at one with CUDA events,
+        # resolved here as below; the C loop then accounts it with its GPU time, and goes on.
+        finished, events, account = self.recorder.finished, self.recorder.events, self._account
+        opened, all_stats, histograms = self._open, self.stats, self.histograms
+        now = None
+        gpu = None
+        with histograms.lock:
+            while True:
+                account(finished, opened, all_stats, histograms, gpu)
+                if not finished:
+                    return
+                entry = finished[0]
+                start_event, end_event = entry[EV_START], entry[EV_END]
+                ms = events.resolve(start_event, end_event) if events is not None else None
+                if ms is PENDING:
+                    now = self.recorder.clock() if now is None else now
+                    if now - entry[END] < GPU_WAIT_NS and len(finished) < MAX_GPU_BACKLOG:
+                        return  # the GPU is not there yet: later regions wait too, keeping order
+                    events.release(start_event, end_event)  # stuck or too far behind: host time
+                    self.recorder.count_error()
+                    ms = None
+                entry[EV_START] = entry[EV_END] = None
+                gpu = None if ms is None else ms / 1e3
+
+    def _drain_finished_python(self) -> None:
+        """:meth:`_drain_finished` in Python: without the C extension, or ``OTEL_ML_PURE_PYTHON=1``."""
         finished, events = self.recorder.finished, self.recorder.events
         all_stats, opened, observed = self.stats, self._open, []
         now = None
@@ -180,6 +255,7 @@ class Aggregator:
         finished = self.recorder.finished
         pending = self._open
         all_stats, sampler, flags, callbacks = self.stats, self.sampler, self.flags, self._on_window
+        close_window = self._close_window
         while boundaries:
             step, end_ns, values = boundaries[0]
             if finished and finished[0][END] <= end_ns:
@@ -192,20 +268,23 @@ class Aggregator:
             self.steps += 1
             self.step_time += duration
             # Regions arrive in the order they ended, so this step's are a prefix: O(its size).
-            inside = []
-            ran: dict[PathNode, None] = {}  # the paths that ran in this step, each once
-            errored = False
-            while pending and pending[0][END] <= end_ns:
-                entry = pending.popleft()
-                inside.append(entry)
-                ran[entry[NODE]] = None
-                if entry[ERROR] is not None:
-                    errored = True
-            for node in ran:
-                stats = all_stats.get(node)
-                if stats is not None:
-                    stats.windows += 1  # steps in which this path ran (module timing is sampled)
-                    stats.window_time += duration
+            inside: list[list] = []
+            if close_window is not None:  # the loop below, in C (_cregion_account.c)
+                errored = close_window(pending, end_ns, duration, all_stats, inside)
+            else:
+                ran: dict[PathNode, None] = {}  # the paths that ran in this step, each once
+                errored = False
+                while pending and pending[0][END] <= end_ns:
+                    entry = pending.popleft()
+                    inside.append(entry)
+                    ran[entry[NODE]] = None
+                    if entry[ERROR] is not None:
+                        errored = True
+                for node in ran:
+                    stats = all_stats.get(node)
+                    if stats is not None:
+                        stats.windows += 1  # steps in which this path ran (module timing is sampled)
+                        stats.window_time += duration
             reason = sampler.decide(step, duration)
             events = flags.pop(step)
             if events and reason is None:
