@@ -28,7 +28,7 @@ the geometric mean of the two. ``--layout sequential`` alternates the order inst
 Instrumented runs also report, from ``/proc/self/task/*/schedstat`` (nanoseconds), the CPU each
 otel_ml thread used per second of training (threads carry native names: ``otel-ml-pump``,
 ``otel-ml-http``, ``otel-ml-scrape``, ...; threads that exited are counted from the process
-total), the pump's CPU per tick, and one scrape's encode time and size. Their CPU time bounds
+total), the CPU they used while warming up, and one scrape's encode time and size. Their CPU time bounds
 their GIL time: they run Python except inside system calls and zlib, which release it.
 
 Targets: overhead <= 0.5% with the control within +-0.5%; otel_ml's threads <= 2 ms CPU per
@@ -54,7 +54,6 @@ sys.path.insert(0, str(ROOT))
 
 from _common import start_scraper  # noqa: E402
 
-from otel_ml.pipeline import TICK  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 WORKER = r"""
@@ -309,7 +308,6 @@ def main() -> int:
     series = statistics.median(r["series"] for r in instrumented)
     encode = statistics.median(r["encode_ms"] for r in instrumented)
     size = statistics.median(r["bytes"] for r in instrumented)
-    pump = statistics.median(per_thread.get("otel-ml-pump", [0.0])) * TICK  # ms per tick
     warm_ms = statistics.median(r["warmup_background_s"] for r in instrumented) * 1e3
 
     print("\n### Overhead as a user pays it (`python benchmarks/bench_overhead.py`)\n")
@@ -328,7 +326,6 @@ def main() -> int:
     print(
         f"| otel_ml threads, CPU per second of training | {bg_mid:.2f} ms | {bg_low:.2f}-{bg_high:.2f} ms |"
     )
-    print(f"| Pump, CPU per tick ({TICK:g} s) | {pump:.3f} ms | |")
     print(f"| One-time, not in the rows above: background CPU during the {args.warmup} warm-up steps "
           f"(first connection and scrapes, first module-timing step, new paths' label texts) | "
           f"{warm_ms:.1f} ms in all | |")  # fmt: skip

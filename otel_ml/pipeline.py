@@ -45,6 +45,8 @@ from otel_ml.threads import name_native
 #: on a VM (benchmarks/bench_overhead.py); a scrape drains the regions itself, so /metrics is
 #: current whatever the tick, and a second of regions (at most MAX_FINISHED) queues well.
 TICK = 1.0
+#: The tick while collections (scrapes) do the draining: the jobs left are small and can wait.
+IDLE_TICK = 2.0
 
 Job = Callable[[], None]
 
@@ -152,8 +154,9 @@ class Pump:
     does too (drain the regions and the deferred values): a tick skips them when ``drained(since)``
     says a collection did them since the previous tick (``since``: its monotonic time). With
     Prometheus scraping every second the scrape then drains alone, in one pass over that code a
-    second instead of two (each pass on cold caches costs more than the work it does); without
-    scrapes the pump drains every tick. :meth:`flush` and :meth:`shutdown` always run them.
+    second instead of two (each pass on cold caches costs more than the work it does), and the
+    next tick comes after ``IDLE_TICK``; without scrapes the pump drains every ``TICK``.
+    :meth:`flush` and :meth:`shutdown` always run them.
 
     Example::
 
@@ -204,8 +207,9 @@ class Pump:
         self._run_jobs(self._once)
         last_tick = time.monotonic()
         next_push = last_tick + self.interval
+        tick = TICK
         # Wake for the next push when it comes before the next tick (intervals below TICK).
-        while not self._stop.wait(max(0.0, min(TICK, next_push - time.monotonic()))):
+        while not self._stop.wait(max(0.0, min(tick, next_push - time.monotonic()))):
             since, last_tick = last_tick, time.monotonic()
             try:
                 skip = len(self._undrained) < len(self._jobs) and self._drained(since)
@@ -213,6 +217,8 @@ class Pump:
                 skip = False
             self.skipped += skip
             self._run_jobs(self._undrained if skip else self._jobs)
+            # While collections keep draining, what is left (status, housekeeping) waits longer.
+            tick = IDLE_TICK if skip else TICK
             if time.monotonic() >= next_push:
                 self.pipeline.push_metrics()
                 next_push = time.monotonic() + self.interval

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -242,17 +243,20 @@ def test_error_series_start_at_zero_for_the_exporters_in_use_only(tmp_path):
 
 def test_pump_skips_its_drains_on_ticks_after_a_collection_drained_and_runs_them_at_flush(monkeypatch):
     monkeypatch.setattr("otel_ml.pipeline.TICK", 0.02)
+    monkeypatch.setattr("otel_ml.pipeline.IDLE_TICK", 0.1)
     pipeline = Pipeline(Resource.create({}), Collection(), health=TelemetryHealth())
     ran: list[str] = []
     scraping = threading.Event()
     scraping.set()
     seen_since: list[float] = []
+    status_times: list[float] = []
 
     def drain() -> None:
         ran.append("drain")
 
     def status() -> None:
         ran.append("status")
+        status_times.append(time.monotonic())
 
     def drained(since: float) -> bool:
         seen_since.append(since)
@@ -263,6 +267,8 @@ def test_pump_skips_its_drains_on_ticks_after_a_collection_drained_and_runs_them
     try:
         wait_until(lambda: ran.count("status") >= 5, timeout=10, what="five ticks")
         assert "drain" not in ran and pump.skipped >= 5  # a collection drained since every tick
+        gaps = [b - a for a, b in itertools.pairwise(status_times)]
+        assert min(gaps[:4]) >= 0.09  # while collections drain, the pump ticks at IDLE_TICK
         scraping.clear()  # no more scrapes: the pump drains again, before the status job
         wait_until(lambda: "drain" in ran, timeout=10, what="a drain")
         assert ran[ran.index("drain") + 1] == "status"
