@@ -376,7 +376,7 @@ class Config:
         ),
     )
     status_interval: float = field(
-        default=5.0,
+        default=10.0,
         metadata=_opt(
             ("OTEL_ML_STATUS_INTERVAL",),
             p.seconds_parser(1, 0.0),

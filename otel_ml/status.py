@@ -281,7 +281,7 @@ class StatusWriter:
         training: TrainingSource | None = None,
         anomalies: EpisodeSource | None = None,
         regions: RegionTotals | None = None,
-        interval: float = 5.0,
+        interval: float = 10.0,
         health: TelemetryHealth | None = None,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:

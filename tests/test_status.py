@@ -419,7 +419,7 @@ def test_status_interval_comes_from_the_environment_and_a_bad_value_falls_back(c
     assert Config.resolve(env={"OTEL_ML_STATUS_INTERVAL": "2.5"}).status_interval == 2.5
     assert Config.resolve(env={"OTEL_ML_STATUS_INTERVAL": "2.5"}, status_interval=9).status_interval == 9
     with caplog.at_level(logging.WARNING, logger="otel_ml"):
-        assert Config.resolve(env={"OTEL_ML_STATUS_INTERVAL": "-1"}).status_interval == 5.0
+        assert Config.resolve(env={"OTEL_ML_STATUS_INTERVAL": "-1"}).status_interval == 10.0
     assert "OTEL_ML_STATUS_INTERVAL" in caplog.text
     with pytest.raises(ValueError):
         Config(status_interval=float("inf"))
