@@ -122,6 +122,8 @@ def main() -> None:
     options: dict[str, Any] = {"prometheus_port": 0, "files": "off", "summary": False, "run_dir": run_dir}
     telemetry = otel_ml.init(service_name="bench-span", **options)
     assert telemetry.timekeeper is not None
+    # A span destination, as OTLP would be: without one, traced steps are only counted, not built.
+    telemetry.tracer_provider.add_span_processor(BatchSpanProcessor(Discard()))
     agg = telemetry.timekeeper.aggregator
     provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(Discard()))
