@@ -25,8 +25,10 @@ from tests.support.prometheus import PrometheusServer
 
 pytestmark = pytest.mark.integration
 
-# rank 2's NaN episode ends 30 steps before the run does, so its end is logged too
-RANKS, STEPS, NAN_STEP, NAN_END, SLOW_MS = 4, 200, 50, 170, 40
+# rank 2's NaN episode ends 30 steps before the run does, so its end is logged too; it lasts
+# about 20 s, so that a Prometheus started once the ranks are up (on 2 cores busy with 4 ranks)
+# scrapes it while it is active
+RANKS, STEPS, NAN_STEP, NAN_END, SLOW_MS = 4, 400, 50, 370, 40
 
 
 @dataclass
@@ -66,6 +68,7 @@ def demo(tmp_path_factory) -> Iterator[Demo]:
 def test_top_from_prometheus_flags_the_nan_rank_and_names_the_slow_one(demo, prometheus_binary, tmp_path):
     records = wait_until(lambda: (r := endpoint_files(demo.run_dir)) and len(r) == RANKS and r, 120)
     with PrometheusServer(prometheus_binary, tmp_path / "prom", file_sd=file_sd_targets(records)) as prom:
+        last = {"text": ""}
 
         def frame() -> str | None:
             out = subprocess.run(
@@ -74,14 +77,19 @@ def test_top_from_prometheus_flags_the_nan_rank_and_names_the_slow_one(demo, pro
                 text=True,
                 timeout=60,
             )
-            text = out.stdout
+            text = out.stdout + out.stderr
+            if "no otel_ml series" not in text or not last["text"]:
+                last["text"] = text  # the newest frame that had the run's series
             rank = {
                 r: next((ln for ln in text.splitlines() if ln.startswith(f"[rank {r}]")), "") for r in (1, 2)
             }
             ok = "⚠ NaN/Inf values" in rank[2] and re.search(r"◀ slowest: forward \+[\d.]+ ms/step", rank[1])
             return text if ok and "| 1 rank with anomalies: 2 (nonfinite)" in text else None
 
-        text = wait_until(frame, 90, interval=1.0, what="a top frame with rank 2 flagged, rank 1 slowest")
+        try:
+            text = wait_until(frame, 90, interval=1.0, what="a top frame with rank 2 flagged, rank 1 slowest")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the last frame with series:\n{last['text']}") from None
     assert f"{RANKS}/{RANKS} ranks up" in text
     assert sum("⚠" in ln for ln in text.splitlines() if ln.startswith("[rank")) == 1, text
 
