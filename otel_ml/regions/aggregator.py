@@ -188,7 +188,7 @@ class Aggregator:
             return
         # The C loop accounts the regions timed on the host and stops at one with CUDA events,
         # resolved here as below; the C loop then accounts it with its GPU time, and goes on.
-        finished, events, account = self.recorder.finished, self.recorder.events, self._account
+        finished, account = self.recorder.finished, self._account
         opened, all_stats, histograms = self._open, self.stats, self.histograms
         now = None
         gpu = None
@@ -197,22 +197,29 @@ class Aggregator:
                 account(finished, opened, all_stats, histograms, gpu)
                 if not finished:
                     return
-                entry = finished[0]
-                start_event, end_event = entry[EV_START], entry[EV_END]
-                ms = events.resolve(start_event, end_event) if events is not None else None
-                if ms is PENDING:
-                    now = self.recorder.clock() if now is None else now
-                    if now - entry[END] < GPU_WAIT_NS and len(finished) < MAX_GPU_BACKLOG:
-                        return  # the GPU is not there yet: later regions wait too, keeping order
-                    events.release(start_event, end_event)  # stuck or too far behind: host time
-                    self.recorder.count_error()
-                    ms = None
-                entry[EV_START] = entry[EV_END] = None
-                gpu = None if ms is None else ms / 1e3
+                gpu, now = self._resolve_gpu(finished[0], len(finished), now)
+                if gpu is PENDING:
+                    return  # the GPU is not there yet: later regions wait too, keeping order
+
+    def _resolve_gpu(self, entry: list, backlog: int, now: int | None) -> tuple[Any, int | None]:
+        """The GPU seconds of ``entry`` from its CUDA events (None: timed on the host), or PENDING
+        while they are not there yet and it may wait longer; and the clock, read once per drain."""
+        events = self.recorder.events
+        start_event, end_event = entry[EV_START], entry[EV_END]
+        ms = events.resolve(start_event, end_event) if events is not None else None
+        if ms is PENDING:
+            now = self.recorder.clock() if now is None else now
+            if now - entry[END] < GPU_WAIT_NS and backlog < MAX_GPU_BACKLOG:
+                return PENDING, now
+            events.release(start_event, end_event)  # stuck or too far behind: host time
+            self.recorder.count_error()
+            ms = None
+        entry[EV_START] = entry[EV_END] = None
+        return (None if ms is None else ms / 1e3), now
 
     def _drain_finished_python(self) -> None:
         """:meth:`_drain_finished` in Python: without the C extension, or ``OTEL_ML_PURE_PYTHON=1``."""
-        finished, events = self.recorder.finished, self.recorder.events
+        finished = self.recorder.finished
         all_stats, opened, observed = self.stats, self._open, []
         now = None
         popleft, keep, observe = finished.popleft, opened.append, observed.append
@@ -220,17 +227,9 @@ class Aggregator:
             entry = finished[0]
             gpu = None
             if entry[EV_START] is not None or entry[EV_END] is not None:
-                start_event, end_event = entry[EV_START], entry[EV_END]
-                ms = events.resolve(start_event, end_event) if events is not None else None
-                if ms is PENDING:
-                    now = self.recorder.clock() if now is None else now
-                    if now - entry[END] < GPU_WAIT_NS and len(finished) < MAX_GPU_BACKLOG:
-                        break  # the GPU is not there yet: later regions wait too, keeping order
-                    events.release(start_event, end_event)  # stuck or too far behind: host time
-                    self.recorder.count_error()
-                    ms = None
-                entry[EV_START] = entry[EV_END] = None
-                gpu = None if ms is None else ms / 1e3
+                gpu, now = self._resolve_gpu(entry, len(finished), now)
+                if gpu is PENDING:
+                    break  # the GPU is not there yet: later regions wait too, keeping order
             popleft()
             host = (entry[END] - entry[START]) / 1e9
             duration = host if gpu is None else gpu
