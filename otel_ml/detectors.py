@@ -44,16 +44,8 @@ class RollingStats:
 
     def add_and_mean(self, value: float) -> float:
         """:meth:`add`, then the new mean (one call: the plateau check's hot path)."""
-        values = self._values
-        if len(values) >= self._window:
-            old = values.popleft()
-            self._sum += value - old
-            self._sumsq += value * value - old * old
-        else:
-            self._sum += value
-            self._sumsq += value * value
-        values.append(value)
-        return self._sum / len(values)
+        self.add(value)
+        return self._sum / len(self._values)
 
     def check_and_add(self, value: float, zscore: float, warmup: int, min_rise: float) -> bool:
         """True when ``value`` is above ``mean + zscore * std`` of the window and ``min_rise``
@@ -68,14 +60,7 @@ class RollingStats:
             limit = mean + zscore * math.sqrt(variance) if variance > 0.0 else mean
             if value > limit and value - mean > min_rise * abs(mean):
                 return True
-        if n >= self._window:
-            old = values.popleft()
-            self._sum += value - old
-            self._sumsq += value * value - old * old
-        else:
-            self._sum += value
-            self._sumsq += value * value
-        values.append(value)
+        self.add(value)
         return False
 
     def __len__(self) -> int:
@@ -93,18 +78,6 @@ class RollingStats:
             return 0.0
         variance = (self._sumsq - self._sum * self._sum / n) / (n - 1)
         return math.sqrt(variance) if variance > 0.0 else 0.0
-
-    def limit(self, zscore: float) -> tuple[float, float]:
-        """``(mean, mean + zscore * std)`` in one call (the detectors' hot path; NaN when empty)."""
-        n = len(self._values)
-        if not n:
-            return math.nan, math.nan
-        total = self._sum
-        mean = total / n
-        if n < 2:
-            return mean, mean
-        variance = (self._sumsq - total * total / n) / (n - 1)
-        return mean, mean + zscore * math.sqrt(variance) if variance > 0.0 else mean
 
 
 class SpikeDetector:

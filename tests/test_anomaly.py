@@ -26,24 +26,21 @@ def test_rolling_stats_match_the_window():
     assert stats.mean == 2.0 and stats.std == pytest.approx(1.0) and len(stats) == 3
 
 
-def test_rolling_limit_is_the_mean_and_the_band_of_the_window_recomputed_from_scratch():
+def test_rolling_mean_and_std_match_the_window_recomputed_from_scratch():
     stats, window = RollingStats(50), []
-    assert all(math.isnan(x) for x in stats.limit(6.0))
-    stats.add(4.0)
-    assert stats.limit(6.0) == (4.0, 4.0)  # one value: no spread yet
-    window.append(4.0)
+    assert math.isnan(stats.mean) and stats.std == 0.0
     for i in range(500):
         value = 1.0 + (i * 7919 % 101) / 10.0
-        stats.add(value)
+        assert stats.add_and_mean(value) == pytest.approx(statistics.fmean([*window, value][-50:]), rel=1e-9)
         window = [*window, value][-50:]
-        mean, limit = stats.limit(3.0)
-        assert mean == pytest.approx(statistics.fmean(window), rel=1e-9)
-        assert limit == pytest.approx(mean + 3.0 * statistics.stdev(window), rel=1e-9)
+        assert stats.mean == pytest.approx(statistics.fmean(window), rel=1e-9) and len(stats) == len(window)
+        if len(window) > 1:
+            assert stats.std == pytest.approx(statistics.stdev(window), rel=1e-9)
     constant = RollingStats(5)
     for _ in range(10):
         constant.add(0.1)  # the running sums' rounding leaves a variance a hair off zero, either side
-    assert constant.limit(6.0) == pytest.approx((0.1, 0.1), abs=1e-6)
-    assert 0.0 <= constant.std < 1e-6
+    assert constant.mean == pytest.approx(0.1) and 0.0 <= constant.std < 1e-6
+    assert not constant.check_and_add(0.1, 6.0, 2, 0.5)  # a flat window flags no equal value
 
 
 def test_spike_decisions_match_a_from_scratch_reference_on_a_stream_with_spikes():
