@@ -91,8 +91,11 @@ def test_a_backfilled_run_answers_like_the_live_scrape(
         {"targets": [f"127.0.0.1:{base_port + rank}"], "labels": {"run_id": run_id, "rank": str(rank)}}
         for rank in (0, 1)
     ]
-    # Scraping from the demo's first second: the live series cover the whole training.
+    # Scraping from the demo's first second: the live series cover the whole training. Ready is
+    # not scraping yet (the targets file is read, then each target at its offset): the demo starts
+    # once both targets have been tried (up == 0: nothing listens yet).
     live = PrometheusServer(prometheus_binary, tmp_path / "live", file_sd=targets).start()
+    live.wait_for("up", lambda rows: len(rows) == 2, timeout=60)
     env = demo_env(run_dir, base_port, OTEL_ML_TIMING_TABLE="0", OTEL_METRIC_EXPORT_INTERVAL="1000")
     log = tmp_path / "demo.log"
     with open(log, "wb") as stderr:
@@ -142,14 +145,15 @@ def test_a_backfilled_run_answers_like_the_live_scrape(
             began = next(t for t, v in counts if v > 0)
             done = next(t for t, v in counts if v == counts[-1][1])
             middle = f"{(began + done) / 2:.3f}"
-            rates = [
-                float(
-                    prom.api("query", query='rate(otel_ml_samples_total{rank="0"}[3s])', time=middle)[
-                        "result"
-                    ][0]["value"][1]
-                )
-                for prom in (served, live)
-            ]
+            rates = []
+            for name, prom in (("served", served), ("live", live)):
+                query = 'rate(otel_ml_samples_total{rank="0"}[3s])'
+                result = prom.api("query", query=query, time=middle)["result"]
+                if not result:  # say when this server's scrapes or exports began
+                    seen = prom.api("query", query='otel_ml_samples_total{rank="0"}[1m]', time=f"{end:.3f}")
+                    training = f"training {began:.3f}-{done:.3f}"
+                    raise AssertionError(f"{name}: no {query} at {middle} ({training}): {seen}")
+                rates.append(float(result[0]["value"][1]))
             assert rates[0] == pytest.approx(rates[1], rel=0.25), rates
 
             # target_info: one series per rank, labelled as /metrics labels it.
