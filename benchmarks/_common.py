@@ -42,9 +42,11 @@ SCRAPER = textwrap.dedent(
 )
 
 
-def start_scraper(url: str, every: float) -> subprocess.Popen:
-    """Scrape ``url`` every ``every`` seconds from another process until it is killed."""
-    return subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(every)])
+def start_scraper(url: str, every: float, core: int | None = None) -> subprocess.Popen:
+    """Scrape ``url`` every ``every`` seconds from another process until it is killed; pinned to
+    ``core`` when given."""
+    pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+    return subprocess.Popen([sys.executable, "-c", SCRAPER, url, str(every)], preexec_fn=pin)
 
 
 class Discard(SpanExporter):

@@ -23,7 +23,9 @@ next, which one-after-the-other pairs cannot cancel. With two or more cores (the
 ``--layout concurrent``) a pair's two runs start their measured steps together, each pinned to
 its own core (its background threads with it, so they compete with its training thread as on a
 node whose other cores are busy), and every pair runs twice with the cores swapped; its ratio is
-the geometric mean of the two. ``--layout sequential`` alternates the order instead.
+the geometric mean of the two. ``--layout sequential`` alternates the order instead. The
+scraper shares the instrumented run's core (its CPU counts against otel_ml: pessimistic), and
+pairs and control pairs take turns, so a slow stretch of the VM falls on both alike.
 
 Instrumented runs also report, from ``/proc/self/task/*/schedstat`` (nanoseconds), the CPU each
 otel_ml thread used per second of training (threads carry native names: ``otel-ml-pump``,
@@ -182,7 +184,12 @@ def _start(mode: str, steps: int, warmup: int, scrape: float, tmp: Path, core: i
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=pin,
     )  # fmt: skip
-    scraper = start_scraper(f"http://127.0.0.1:{port}/metrics", scrape) if mode == "instrumented" else None
+    # The scraper shares the instrumented run's core: its CPU, which Prometheus spends on another
+    # machine in real life, counts against the instrumented run rather than landing by chance on
+    # either run of the pair (pessimistic, and no noise that favours either).
+    scraper = (
+        start_scraper(f"http://127.0.0.1:{port}/metrics", scrape, core) if mode == "instrumented" else None
+    )
     return mode, worker, scraper
 
 
@@ -269,7 +276,9 @@ def main() -> int:
     started = time.monotonic()
     ratios, controls, instrumented = [], [], []
     by_field: dict[str, tuple[list[float], list[float]]] = {"median_step": ([], []), "main_cpu": ([], [])}
-    schedule = [("pair", i) for i in range(pairs)] + [("control", i) for i in range(control)]
+    # Pairs and control pairs take turns, so that a slow stretch of the machine falls on both alike.
+    counts = (("pair", pairs), ("control", control))
+    schedule = [(kind, i) for i in range(max(pairs, control)) for kind, n in counts if i < n]
     for kind, index in schedule:
         b_mode = "instrumented" if kind == "pair" else "plain"
         # Run A is plain, run B instrumented (or plain again, for a control pair). Sequential: one
