@@ -8,7 +8,7 @@ STAMP := $(VENV)/.otel-ml-installed
 
 .PHONY: setup demo test unit integration lint format bench docs system-deps clean
 
-$(STAMP): pyproject.toml $(wildcard otel_ml/regions/_cregion*)
+$(STAMP): pyproject.toml $(wildcard otel_ml/regions/_cregion*) otel_ml/_cdetectors.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU torch first: an unpinned torch with no torch installed pulls a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0

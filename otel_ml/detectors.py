@@ -3,6 +3,12 @@
 Each detector keeps O(window) state and does O(1) work per value. Anomalous values are not
 added to the rolling statistics, so one spike does not widen the band that detects the next.
 
+``RollingStats``, ``SpikeDetector``, ``PlateauDetector`` and ``ExplosionDetector`` are the C twins
+of the ``Py*`` classes here (``otel_ml/_cdetectors.c``: the anomaly monitor runs them once per
+logged loss, KL and grad norm, on the scrape thread), or those Python classes themselves without
+the build or with ``OTEL_ML_PURE_PYTHON=1`` (:data:`DETECTORS_C` says which). Both give the same
+verdicts from the same float operations; the Python classes are the reference.
+
 Example::
 
     spike = SpikeDetector(window=100, zscore=6.0, min_rise=0.5)
@@ -12,15 +18,18 @@ Example::
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections import deque
+from typing import Any
 
 
-class RollingStats:
+class PyRollingStats:
     """Mean and standard deviation of the last ``window`` values (running sums, O(1) per value).
 
     Example::
 
-        s = RollingStats(3); [s.add(v) for v in (1, 2, 3, 4)]; s.mean  # 3.0
+        s = PyRollingStats(3); [s.add(v) for v in (1, 2, 3, 4)]; s.mean  # 3.0
     """
 
     __slots__ = ("_sum", "_sumsq", "_values", "_window")
@@ -80,13 +89,13 @@ class RollingStats:
         return math.sqrt(variance) if variance > 0.0 else 0.0
 
 
-class SpikeDetector:
+class PySpikeDetector:
     """A value is a spike when above ``maximum`` (if set), or, after ``warmup`` values, above
     ``mean + zscore * std`` of the window and at least ``min_rise`` (relative) above the mean.
 
     Example::
 
-        SpikeDetector(zscore=4.0).observe(1.0)  # False
+        PySpikeDetector(zscore=4.0).observe(1.0)  # False
     """
 
     def __init__(
@@ -97,7 +106,7 @@ class SpikeDetector:
         warmup: int = 20,
         maximum: float = 0.0,
     ) -> None:
-        self.stats = RollingStats(window)
+        self.stats = PyRollingStats(window)
         self.zscore = zscore
         self.min_rise = min_rise
         self.warmup = warmup
@@ -109,21 +118,21 @@ class SpikeDetector:
         return self.stats.check_and_add(value, self.zscore, self.warmup, self.min_rise)
 
 
-class PlateauDetector:
+class PyPlateauDetector:
     """No improvement of the rolling mean by more than ``tolerance`` (relative) for ``patience`` values.
 
     The rolling mean (over ``smoothing`` values) keeps noise from resetting the clock.
 
     Example::
 
-        p = PlateauDetector(patience=3, smoothing=1)
+        p = PyPlateauDetector(patience=3, smoothing=1)
         [p.observe(v) for v in (5, 4, 4, 4, 4)]  # [False, False, False, False, True]
     """
 
     def __init__(self, patience: int = 1000, tolerance: float = 0.01, smoothing: int = 50) -> None:
         self.patience = patience
         self.tolerance = tolerance
-        self.stats = RollingStats(smoothing)
+        self.stats = PyRollingStats(smoothing)
         self.best = math.inf
         self.since = 0
 
@@ -139,12 +148,12 @@ class PlateauDetector:
         return self.since >= self.patience
 
 
-class ExplosionDetector:
+class PyExplosionDetector:
     """Above ``maximum`` (if set), or above ``factor`` times the rolling mean after ``warmup`` values.
 
     Example::
 
-        e = ExplosionDetector(factor=10.0, warmup=3)
+        e = PyExplosionDetector(factor=10.0, warmup=3)
         [e.observe(v) for v in (1, 1, 1, 50)][-1]  # True
     """
 
@@ -154,7 +163,7 @@ class ExplosionDetector:
         self.factor = factor
         self.maximum = maximum
         self.warmup = warmup
-        self.stats = RollingStats(window)
+        self.stats = PyRollingStats(window)
 
     def observe(self, value: float) -> bool:
         if self.maximum > 0 and value > self.maximum:
@@ -163,6 +172,41 @@ class ExplosionDetector:
             return True
         self.stats.add(value)
         return False
+
+
+#: The contract of ``otel_ml._cdetectors`` this module uses (``DETECTORS`` in ``_cdetectors.c``).
+DETECTORS = 1
+
+
+def _load_c() -> Any:
+    """The C twins, unless disabled (``OTEL_ML_PURE_PYTHON=1``), missing, or a stale build (then a
+    warning, or ImportError under ``OTEL_ML_REQUIRE_C=1``, as for the C regions)."""
+    if os.environ.get("OTEL_ML_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from otel_ml import _cdetectors
+    except ImportError:
+        if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
+            raise
+        return None
+    if getattr(_cdetectors, "DETECTORS", None) == DETECTORS:
+        return _cdetectors
+    message = (
+        f"otel_ml._cdetectors is a stale build (contract {getattr(_cdetectors, 'DETECTORS', None)}, "
+        f"this otel_ml needs {DETECTORS}); rebuild it (pip install -e .)"
+    )
+    if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
+        raise ImportError(message)
+    warnings.warn(message + "; using the Python detectors", RuntimeWarning, stacklevel=2)
+    return None
+
+
+#: ``otel_ml._cdetectors`` when the detectors run in C, None for the Python classes.
+DETECTORS_C: Any = _load_c()
+RollingStats: Any = DETECTORS_C.RollingStats if DETECTORS_C else PyRollingStats
+SpikeDetector: Any = DETECTORS_C.SpikeDetector if DETECTORS_C else PySpikeDetector
+PlateauDetector: Any = DETECTORS_C.PlateauDetector if DETECTORS_C else PyPlateauDetector
+ExplosionDetector: Any = DETECTORS_C.ExplosionDetector if DETECTORS_C else PyExplosionDetector
 
 
 class DriftDetector:

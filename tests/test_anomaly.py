@@ -4,30 +4,49 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import statistics
+import types
 import urllib.request
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 
 import otel_ml
+from otel_ml import detectors
 from otel_ml.anomaly import TYPES, AnomalyConfig, AnomalyError, AnomalyMonitor
 from otel_ml.collection import Collection, PullReader
 from otel_ml.config import Config
-from otel_ml.detectors import DriftDetector, ExplosionDetector, PlateauDetector, RollingStats, SpikeDetector
+from otel_ml.detectors import DriftDetector
 from tests.support.clock import FakeClock
 from tests.support.metrics import parse_exposition, points, value
 
+#: The Python detectors, and their C twins where built: every detector test runs on each.
+PYTHON = types.SimpleNamespace(
+    RollingStats=detectors.PyRollingStats,
+    SpikeDetector=detectors.PySpikeDetector,
+    PlateauDetector=detectors.PyPlateauDetector,
+    ExplosionDetector=detectors.PyExplosionDetector,
+)
+IMPLEMENTATIONS = [pytest.param(PYTHON, id="python")]
+if detectors.DETECTORS_C is not None:
+    IMPLEMENTATIONS.append(pytest.param(detectors.DETECTORS_C, id="c"))
+each_implementation = pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+needs_c = pytest.mark.skipif(detectors.DETECTORS_C is None, reason="otel_ml._cdetectors is not in use")
 
-def test_rolling_stats_match_the_window():
-    stats = RollingStats(3)
+
+@each_implementation
+def test_rolling_stats_match_the_window(impl):
+    stats = impl.RollingStats(3)
     for v in (10.0, 1.0, 2.0, 3.0):
         stats.add(v)
     assert stats.mean == 2.0 and stats.std == pytest.approx(1.0) and len(stats) == 3
 
 
-def test_rolling_mean_and_std_match_the_window_recomputed_from_scratch():
-    stats, window = RollingStats(50), []
+@each_implementation
+def test_rolling_mean_and_std_match_the_window_recomputed_from_scratch(impl):
+    stats, window = impl.RollingStats(50), []
     assert math.isnan(stats.mean) and stats.std == 0.0
     for i in range(500):
         value = 1.0 + (i * 7919 % 101) / 10.0
@@ -36,15 +55,16 @@ def test_rolling_mean_and_std_match_the_window_recomputed_from_scratch():
         assert stats.mean == pytest.approx(statistics.fmean(window), rel=1e-9) and len(stats) == len(window)
         if len(window) > 1:
             assert stats.std == pytest.approx(statistics.stdev(window), rel=1e-9)
-    constant = RollingStats(5)
+    constant = impl.RollingStats(5)
     for _ in range(10):
         constant.add(0.1)  # the running sums' rounding leaves a variance a hair off zero, either side
     assert constant.mean == pytest.approx(0.1) and 0.0 <= constant.std < 1e-6
     assert not constant.check_and_add(0.1, 6.0, 2, 0.5)  # a flat window flags no equal value
 
 
-def test_spike_decisions_match_a_from_scratch_reference_on_a_stream_with_spikes():
-    spike, window, got, want = SpikeDetector(window=30, zscore=4.0, min_rise=0.5, warmup=10), [], [], []
+@each_implementation
+def test_spike_decisions_match_a_from_scratch_reference_on_a_stream_with_spikes(impl):
+    spike, window, got, want = impl.SpikeDetector(window=30, zscore=4.0, min_rise=0.5, warmup=10), [], [], []
     for i in range(3000):
         value = 1.0 + (i * 7919 % 97) / 100.0 + (40.0 if i % 211 == 0 else 0.0)
         anomalous = False
@@ -58,37 +78,125 @@ def test_spike_decisions_match_a_from_scratch_reference_on_a_stream_with_spikes(
     assert got == want and sum(got) >= 10
 
 
-def test_spike_detector_needs_warmup_and_both_a_zscore_and_a_relative_rise():
-    spike = SpikeDetector(window=50, zscore=4.0, min_rise=0.5, warmup=10)
+@each_implementation
+def test_spike_detector_needs_warmup_and_both_a_zscore_and_a_relative_rise(impl):
+    spike = impl.SpikeDetector(window=50, zscore=4.0, min_rise=0.5, warmup=10)
     noisy = [1.0 + 0.01 * (i % 5) for i in range(30)]
     assert not any(spike.observe(v) for v in noisy)
     assert not spike.observe(1.2)  # many sigmas above, but only 20% above the mean
     assert spike.observe(5.0)
     assert not spike.observe(1.01)  # back to normal: the spike did not widen the band
     assert spike.observe(5.0)
-    early = SpikeDetector(warmup=10)
+    early = impl.SpikeDetector(warmup=10)
     assert not early.observe(100.0)  # no verdict before warmup
 
 
-def test_spike_detector_absolute_maximum():
-    kl = SpikeDetector(zscore=0, maximum=5.0)
+@each_implementation
+def test_spike_detector_absolute_maximum(impl):
+    kl = impl.SpikeDetector(zscore=0, maximum=5.0)
     assert [kl.observe(v) for v in (0.1, 4.9, 5.1, 0.2)] == [False, False, True, False]
 
 
-def test_plateau_detector_uses_patience_and_tolerance():
-    plateau = PlateauDetector(patience=5, tolerance=0.01, smoothing=1)
+@each_implementation
+def test_plateau_detector_uses_patience_and_tolerance(impl):
+    plateau = impl.PlateauDetector(patience=5, tolerance=0.01, smoothing=1)
     improving = [plateau.observe(10.0 - i) for i in range(5)]
     flat = [plateau.observe(5.99) for _ in range(6)]
     assert improving == [False] * 5
     assert flat == [False, False, False, False, True, True]
     assert plateau.observe(4.0) is False  # an improvement ends the plateau
-    assert PlateauDetector(patience=0).observe(1.0) is False
+    assert impl.PlateauDetector(patience=0).observe(1.0) is False
 
 
-def test_explosion_detector_factor_and_maximum():
-    grad = ExplosionDetector(factor=10.0, warmup=3)
+@each_implementation
+def test_explosion_detector_factor_and_maximum(impl):
+    grad = impl.ExplosionDetector(factor=10.0, warmup=3)
     assert [grad.observe(v) for v in (1.0, 1.2, 0.8, 1.1, 50.0, 1.0)] == [False] * 4 + [True, False]
-    assert ExplosionDetector(factor=0, maximum=100).observe(101) is True
+    assert impl.ExplosionDetector(factor=0, maximum=100).observe(101) is True
+
+
+def _stream(seed: int, n: int) -> list[float]:
+    """A noisy loss-like series with spikes, explosions, flat stretches, zeros and negatives."""
+    rng = random.Random(seed)
+    values, level = [], 5.0
+    for i in range(n):
+        level = level * 0.999 if i % 700 < 500 else level  # improving, then a plateau
+        value = level + rng.gauss(0.0, 0.05 * level)
+        if rng.random() < 0.01:
+            value *= rng.choice((3.0, 30.0, 1e6))
+        if i % 997 == 0:
+            value = rng.choice((0.0, -value, 1e-300))
+        values.append(value)
+    return values
+
+
+@needs_c
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_c_detectors_give_the_python_verdicts_and_statistics_on_long_streams(seed):
+    c = detectors.DETECTORS_C
+    rng = random.Random(seed)
+    window, warmup = rng.choice((1, 2, 7, 100)), rng.choice((0, 1, 5, 20))
+    zscore, factor = rng.choice((0.0, 3.0, 6.0)), rng.choice((0.0, 2.0, 10.0))
+    pairs = [
+        (PYTHON.SpikeDetector(window, zscore, 0.5, warmup), c.SpikeDetector(window, zscore, 0.5, warmup)),
+        (PYTHON.SpikeDetector(window, zscore, maximum=40.0), c.SpikeDetector(window, zscore, maximum=40.0)),
+        (
+            PYTHON.ExplosionDetector(factor, 0.0, window, warmup),
+            c.ExplosionDetector(factor, 0.0, window, warmup),
+        ),
+        (PYTHON.PlateauDetector(50, 0.01, window), c.PlateauDetector(50, 0.01, window)),
+    ]
+    stats = (PYTHON.RollingStats(window), c.RollingStats(window))
+    verdicts = 0
+    for x in _stream(seed, 5000):
+        for python, twin in pairs:
+            want = python.observe(x)
+            assert twin.observe(x) is want
+            verdicts += want
+        assert stats[1].add_and_mean(x) == pytest.approx(stats[0].add_and_mean(x), rel=1e-12)
+        assert stats[1].std == pytest.approx(stats[0].std, rel=1e-9, abs=1e-12)
+        assert len(stats[1]) == len(stats[0])
+    plateau_python, plateau_c = pairs[3]
+    assert (plateau_c.since, plateau_c.best) == (plateau_python.since, pytest.approx(plateau_python.best))
+    assert verdicts > 0  # the streams do trip the detectors
+
+
+@needs_c
+def test_a_c_window_grows_as_values_arrive_so_a_huge_window_costs_nothing_up_front():
+    stats = detectors.DETECTORS_C.RollingStats(10**15)  # 8 PB if allocated at once
+    for v in range(1, 1001):
+        stats.add(float(v))
+    assert len(stats) == 1000 and stats.mean == 500.5
+
+
+@each_implementation
+def test_detectors_refuse_values_that_are_not_numbers(impl):
+    with pytest.raises(TypeError):
+        impl.SpikeDetector(warmup=0).observe("1.0")
+    with pytest.raises(TypeError):
+        impl.RollingStats(3).add_and_mean(None)
+
+
+@needs_c
+def test_a_stale_c_detectors_build_fails_loudly_under_require_c_and_falls_back_otherwise(monkeypatch):
+    monkeypatch.setattr(detectors.DETECTORS_C, "DETECTORS", 0)
+    monkeypatch.setenv("OTEL_ML_REQUIRE_C", "1")
+    with pytest.raises(ImportError, match="stale build"):
+        detectors._load_c()
+    monkeypatch.setenv("OTEL_ML_REQUIRE_C", "0")
+    with pytest.warns(RuntimeWarning, match="using the Python detectors"):
+        assert detectors._load_c() is None
+    monkeypatch.setenv("OTEL_ML_PURE_PYTHON", "1")
+    assert detectors._load_c() is None
+
+
+def test_the_c_detectors_are_built_and_used_where_ci_requires_it():
+    if os.environ.get("OTEL_ML_REQUIRE_C", "") in ("", "0"):
+        pytest.skip("OTEL_ML_REQUIRE_C is not set (.ci/run sets it)")
+    assert detectors.DETECTORS_C is not None, "otel_ml/_cdetectors.c was not built"
+    monitor = AnomalyMonitor(AnomalyConfig(), rank=0, run_id="r")
+    assert type(monitor._detectors["loss"][1]) is detectors.DETECTORS_C.SpikeDetector
+    assert type(monitor._plateau) is detectors.DETECTORS_C.PlateauDetector
 
 
 def _monitor(**config):

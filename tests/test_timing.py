@@ -480,9 +480,10 @@ def test_the_c_hot_path_is_built_where_ci_requires_it():
 
 
 @pytest.mark.skipif(not timing.ACCELERATED, reason="this run already uses the Python regions")
-def test_the_python_regions_pass_the_region_tests_too():
+def test_the_python_regions_and_detectors_pass_their_tests_too():
     root = Path(__file__).resolve().parent.parent
     tests = ["tests/test_timing.py", "tests/test_modules.py", "tests/test_summary.py", "tests/test_gpu.py"]
+    tests.append("tests/test_anomaly.py")  # the monitor on the Python detectors (otel_ml.detectors)
     env = {**os.environ, "OTEL_ML_PURE_PYTHON": "1", "OTEL_ML_REQUIRE_C": "0"}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
