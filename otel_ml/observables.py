@@ -57,14 +57,39 @@ class Observable:
         self.monotonic = monotonic
         self.start_ns = time.time_ns()
 
-    def observations(self) -> Iterator[Observation]:
+    def observations(self) -> Iterable[Observation]:
         """Every observation of this collection's callbacks, in order; a failing callback is
-        logged once and the observations it gave before failing are kept."""
+        logged once and the observations it gave before failing are kept.
+
+        A lone callback that returns a list or a tuple (otel_ml's own do) is handed back as it
+        is: no generator per instrument and scrape, where each one costs more than the work
+        of a short callback."""
+        if len(self.callbacks) == 1:
+            try:
+                result = self.callbacks[0](_OPTIONS)
+            except Exception as exc:  # noqa: BLE001 - one broken callback must not break collection
+                self._failed(exc)
+                return ()
+            if type(result) in (list, tuple):
+                return result
+            return self._drain(result)
+        return self._all()
+
+    def _drain(self, result: Iterable[Observation]) -> Iterator[Observation]:
+        try:
+            yield from result
+        except Exception as exc:  # noqa: BLE001 - one broken callback must not break collection
+            self._failed(exc)
+
+    def _all(self) -> Iterator[Observation]:
         for callback in self.callbacks:
             try:
                 yield from callback(_OPTIONS)
             except Exception as exc:  # noqa: BLE001 - one broken callback must not break collection
-                warn_once(f"observable:{self.name}", "otel_ml: callback of %s failed: %r", self.name, exc)
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        warn_once(f"observable:{self.name}", "otel_ml: callback of %s failed: %r", self.name, exc)
 
     def collect(self, now_ns: int) -> Metric | None:
         """This collection's metric, or None when the callbacks observed nothing."""

@@ -95,6 +95,31 @@ def test_a_failing_callback_is_logged_once_and_the_others_are_collected(caplog):
     assert sum("otel_ml_broken" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_callback_that_fails_midway_keeps_what_it_observed_and_the_instruments_other_callbacks_run():
+    meter, reader, _ = _setup(ExpositionReader)
+
+    def halfway(_):
+        yield Observation(1, {"rank": "0"})
+        raise RuntimeError("boom")
+
+    def broken(_):
+        raise RuntimeError("boom")
+
+    meter.create_observable_gauge("otel_ml_halfway", [halfway])
+    meter.create_observable_gauge(
+        "otel_ml_several", [broken, halfway, lambda _: (Observation(3, {"rank": "1"}),), broken]
+    )
+    metrics = _metrics(reader.read())
+    assert [p.value for p in metrics["otel_ml_halfway"].data.data_points] == [1]
+    assert sorted(p.value for p in metrics["otel_ml_several"].data.data_points) == [1, 3]
+    samples = strict_exposition(reader.render().decode())  # /metrics encodes the observations itself
+    assert samples["otel_ml_halfway"] == [({"rank": "0"}, 1.0)]
+    assert sorted(samples["otel_ml_several"], key=lambda s: s[1]) == [
+        ({"rank": "0"}, 1.0),
+        ({"rank": "1"}, 3.0),
+    ]
+
+
 def test_a_second_instrument_with_the_same_name_is_refused():
     meter, reader, _ = _setup()
     meter.create_observable_gauge("otel_ml_step", [lambda _: [Observation(1)]])
