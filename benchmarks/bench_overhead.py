@@ -27,6 +27,13 @@ the geometric mean of the two. ``--layout sequential`` alternates the order inst
 scraper shares the instrumented run's core (its CPU counts against otel_ml: pessimistic), and
 pairs and control pairs take turns, so a slow stretch of the VM falls on both alike.
 
+Allocator: every run uses glibc's malloc with fixed thresholds (``MALLOC_MMAP_THRESHOLD_`` 32 MiB,
+``MALLOC_TRIM_THRESHOLD_`` 256 MiB; ``--malloc default`` leaves glibc's own). With glibc's dynamic
+threshold the plain runs took 200-270 minor page faults per step (tensors in fresh ``mmap`` chunks,
+unmapped at each free) and the instrumented ones about one (the heap their imports left kept those
+tensors in it): instrumented looked 2-6% *faster* than plain, from heap luck alone. The result
+shows both runs' page faults per step, so that this cannot come back unseen.
+
 Instrumented runs also report, from ``/proc/self/task/*/schedstat`` (nanoseconds), the CPU each
 otel_ml thread used per second of training (threads carry native names: ``otel-ml-pump``,
 ``otel-ml-http``, ``otel-ml-scrape``, ...; threads that exited are counted from the process
@@ -59,7 +66,7 @@ from _common import start_scraper  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 WORKER = r"""
-import json, os, sys, time
+import json, os, resource, sys, time
 import torch
 from torch import nn
 
@@ -131,6 +138,7 @@ warm_background = (time.process_time() - warm_process) - (time.thread_time() - w
 print("ready", flush=True)  # the parent starts both runs of a pair together (--layout concurrent)
 sys.stdin.readline()
 before = cpu_by_thread()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 main_cpu = time.thread_time()
 started = last = time.perf_counter()
 step_times = []
@@ -141,9 +149,10 @@ for i in range(warmup, warmup + steps):
     last = now
 elapsed = time.perf_counter() - started
 main_cpu = time.thread_time() - main_cpu
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 after = cpu_by_thread()
 step_times.sort()
-result = {"mode": mode, "seconds": elapsed, "steps": steps, "main_cpu": main_cpu,
+result = {"mode": mode, "seconds": elapsed, "steps": steps, "main_cpu": main_cpu, "faults": faults,
           "median_step": step_times[len(step_times) // 2]}
 if instrumented:
     threads = {}
@@ -170,10 +179,15 @@ print(json.dumps(result))
 """
 
 
+#: glibc malloc thresholds for every run (see module docstring); ``--malloc default`` empties it.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
 def _start(mode: str, steps: int, warmup: int, scrape: float, tmp: Path, core: int | None) -> tuple:
     port = free_port()
     env = {
         **os.environ,
+        **MALLOC_ENV,
         "BENCH_RUN_DIR": str(tmp / f"run-{time.monotonic_ns()}"),
         "OTEL_ML_TIMING_TABLE": "0",
     }
@@ -267,14 +281,22 @@ def main() -> int:
         default="concurrent" if len(os.sched_getaffinity(0)) >= 2 else "sequential",
         help="a pair's two runs together on two cores (default with 2+ cores), or one after the other",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=("fixed", "default"),
+        default="fixed",
+        help="glibc malloc thresholds: fixed for every run (default), or glibc's dynamic ones",
+    )
     args = parser.parse_args()
+    if args.malloc == "default":
+        MALLOC_ENV.clear()
     pairs = args.pairs or (3 if args.quick else 10)
     control = args.control if args.control is not None else (2 if args.quick else 10)
     steps = args.steps or (60 if args.quick else 300)
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-overhead-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    ratios, controls, instrumented = [], [], []
+    ratios, controls, instrumented, plain = [], [], [], []
     by_field: dict[str, tuple[list[float], list[float]]] = {"median_step": ([], []), "main_cpu": ([], [])}
     # Pairs and control pairs take turns, so that a slow stretch of the machine falls on both alike.
     counts = (("pair", pairs), ("control", control))
@@ -298,6 +320,7 @@ def main() -> int:
             (pair_ratios if kind == "pair" else control_ratios).append(paired_ratio(got, field))
         if kind == "pair":
             instrumented.extend(got["B"])
+            plain.extend(got["A"])
         times = "; ".join(f"{run} " + ", ".join(f"{r['seconds']:.3f}" for r in got[run]) for run in "AB")
         print(f"  {kind} {index + 1} (A plain, B {b_mode}): {times}", file=sys.stderr, flush=True)
 
@@ -340,6 +363,9 @@ def main() -> int:
           f"{warm_ms:.1f} ms in all | |")  # fmt: skip
     print(f"| One scrape: series / bytes / encode | {series:.0f} / {size / 1024:.1f} KiB / {encode:.2f} ms | "
           f"{encode / max(series, 1) * 1000:.2f} ms per 1,000 series |")  # fmt: skip
+    faults = [statistics.median(r["faults"] / r["steps"] for r in runs) for runs in (plain, instrumented)]
+    print(f"| Minor page faults per measured step, plain / instrumented (malloc: {args.malloc}) | "
+          f"{faults[0]:.1f} / {faults[1]:.1f} | |")  # fmt: skip
     print("\n| thread (native name) | CPU ms per second of training (median) |\n|---|---|")
     for name, values in sorted(per_thread.items(), key=lambda kv: -statistics.median(kv[1])):
         print(f"| `{name}` | {statistics.median(values):.2f} |")
