@@ -18,10 +18,10 @@ Example::
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from collections import deque
 from typing import Any
+
+from otel_ml._cbuild import pure_python, require_c, stale_build
 
 
 class PyRollingStats:
@@ -181,24 +181,19 @@ DETECTORS = 1
 def _load_c() -> Any:
     """The C twins, unless disabled (``OTEL_ML_PURE_PYTHON=1``), missing, or a stale build (then a
     warning, or ImportError under ``OTEL_ML_REQUIRE_C=1``, as for the C regions)."""
-    if os.environ.get("OTEL_ML_PURE_PYTHON", "") not in ("", "0"):
+    if pure_python():
         return None
     try:
         from otel_ml import _cdetectors
     except ImportError:
-        if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
+        if require_c():
             raise
         return None
-    if getattr(_cdetectors, "DETECTORS", None) == DETECTORS:
+    version = getattr(_cdetectors, "DETECTORS", None)
+    if version == DETECTORS:
         return _cdetectors
-    message = (
-        f"otel_ml._cdetectors is a stale build (contract {getattr(_cdetectors, 'DETECTORS', None)}, "
-        f"this otel_ml needs {DETECTORS}); rebuild it (pip install -e .)"
-    )
-    if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
-        raise ImportError(message)
-    warnings.warn(message + "; using the Python detectors", RuntimeWarning, stacklevel=2)
-    return None
+    message = f"otel_ml._cdetectors is a stale build (contract {version}, this otel_ml needs {DETECTORS})"
+    return stale_build(message + "; rebuild it (pip install -e .)", "using the Python detectors")
 
 
 #: ``otel_ml._cdetectors`` when the detectors run in C, None for the Python classes.

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "otel_ml._version", "otel_ml._logging", "otel_ml._envparse", "otel_ml._settings",
             "otel_ml.semconv", "otel_ml.names", "otel_ml.values", "otel_ml.rundir",
             "otel_ml.console", "otel_ml.health", "otel_ml.histogram", "otel_ml.detectors",
-            "otel_ml._cdetectors",
+            "otel_ml._cdetectors", "otel_ml._cbuild",
             "otel_ml.collection", "otel_ml.anomaly_config", "otel_ml.config", "otel_ml.ranks",
             "otel_ml.gpu", "otel_ml.threads", "otel_ml.observables", "otel_ml.distribution",
             "otel_ml.score_lines", "otel_ml.tensor_summary", "otel_ml.sources",

@@ -23,10 +23,8 @@ Example::
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -37,6 +35,7 @@ from opentelemetry.sdk.metrics.export import Metric
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from otel_ml import semconv
+from otel_ml._cbuild import stale_build
 from otel_ml.collection import Collection
 from otel_ml.histogram import LabeledHistograms
 from otel_ml.names import valid_text
@@ -88,10 +87,7 @@ def _load_accounting() -> Any:
         f"otel_ml.regions._cregion is a stale build (accounting {version}, reservoir {reservoir}; "
         f"this otel_ml needs {ACCOUNTING} and {RESERVOIR}); rebuild it (pip install -e .)"
     )
-    if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
-        raise ImportError(message)
-    warnings.warn(message + "; accounting regions in Python", RuntimeWarning, stacklevel=2)
-    return None
+    return stale_build(message, "accounting regions in Python")
 
 
 #: The C extension when the accounting runs in C, None for the Python loops.

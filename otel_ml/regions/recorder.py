@@ -39,16 +39,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import sys
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
+from otel_ml._cbuild import pure_python, stale_build
 from otel_ml.regions.pathtree import PathNode, PathTree, split
 
 #: The slots of a region record, in order. A record is a list (the cheapest mutable record):
@@ -88,7 +87,7 @@ def layout_mismatch(module: Any) -> str | None:
 
 def _load_c() -> Any:
     """The C hot path, unless disabled, missing or built with another record layout."""
-    if os.environ.get("OTEL_ML_PURE_PYTHON", "") not in ("", "0"):
+    if pure_python():
         return None
     try:
         from otel_ml.regions import _cregion as module
@@ -98,10 +97,7 @@ def _load_c() -> Any:
     if problem is None:
         return module
     message = f"otel_ml.regions._cregion is a stale build ({problem}); rebuild it (pip install -e .)"
-    if os.environ.get("OTEL_ML_REQUIRE_C", "") not in ("", "0"):
-        raise ImportError(message)
-    warnings.warn(message + "; using the Python regions", RuntimeWarning, stacklevel=2)
-    return None
+    return stale_build(message, "using the Python regions")
 
 
 _cregion = _load_c()
