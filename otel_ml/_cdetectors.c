@@ -109,6 +109,7 @@ static PyObject *stats_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     return (PyObject *)self;
 }
 
+/* Every type here starts with a Stats: this frees any of them. */
 static void stats_dealloc(Stats *self) {
     PyTypeObject *tp = Py_TYPE(self);
     PyMem_Free(self->ring.values);
@@ -178,8 +179,7 @@ static PyType_Slot stats_slots[] = {
 /* ------------------------------------------------------------------ SpikeDetector */
 
 typedef struct {
-    PyObject_HEAD
-    Ring ring;
+    Stats base; /* first: its window, which stats_dealloc frees */
     double zscore, min_rise, maximum;
     Py_ssize_t warmup;
 } Spike;
@@ -193,7 +193,7 @@ static PyObject *spike_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         return NULL;
     Spike *self = (Spike *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    ring_init(&self->ring, window);
+    ring_init(&self->base.ring, window);
     self->zscore = zscore;
     self->min_rise = min_rise;
     self->warmup = warmup;
@@ -201,18 +201,11 @@ static PyObject *spike_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     return (PyObject *)self;
 }
 
-static void spike_dealloc(Spike *self) {
-    PyTypeObject *tp = Py_TYPE(self);
-    PyMem_Free(self->ring.values);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static PyObject *spike_observe(Spike *self, PyObject *arg) {
     double value;
     if (as_double(arg, &value) < 0) return NULL;
     if (self->maximum > 0 && value > self->maximum) Py_RETURN_TRUE;
-    return verdict(ring_check_and_add(&self->ring, value, self->zscore, self->warmup, self->min_rise));
+    return verdict(ring_check_and_add(&self->base.ring, value, self->zscore, self->warmup, self->min_rise));
 }
 
 static PyMethodDef spike_methods[] = {
@@ -232,7 +225,7 @@ static PyType_Slot spike_slots[] = {
     {Py_tp_doc, "SpikeDetector(window=100, zscore=6.0, min_rise=0.5, warmup=20, maximum=0.0): the C "
                 "twin of otel_ml.detectors.PySpikeDetector."},
     {Py_tp_new, spike_new},
-    {Py_tp_dealloc, spike_dealloc},
+    {Py_tp_dealloc, stats_dealloc},
     {Py_tp_methods, spike_methods},
     {Py_tp_members, spike_members},
     {0, NULL},
@@ -241,8 +234,7 @@ static PyType_Slot spike_slots[] = {
 /* ------------------------------------------------------------------ PlateauDetector */
 
 typedef struct {
-    PyObject_HEAD
-    Ring ring;
+    Stats base; /* first: its window, which stats_dealloc frees */
     double tolerance, best;
     Py_ssize_t patience, since;
 } Plateau;
@@ -256,7 +248,7 @@ static PyObject *plateau_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
         return NULL;
     Plateau *self = (Plateau *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    ring_init(&self->ring, smoothing);
+    ring_init(&self->base.ring, smoothing);
     self->patience = patience;
     self->tolerance = tolerance;
     self->best = INFINITY;
@@ -264,19 +256,13 @@ static PyObject *plateau_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     return (PyObject *)self;
 }
 
-static void plateau_dealloc(Plateau *self) {
-    PyTypeObject *tp = Py_TYPE(self);
-    PyMem_Free(self->ring.values);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static PyObject *plateau_observe(Plateau *self, PyObject *arg) {
     double value;
     if (as_double(arg, &value) < 0) return NULL;
     if (self->patience <= 0) Py_RETURN_FALSE;
-    if (ring_add(&self->ring, value) < 0) return NULL;
-    double level = self->ring.sum / (double)self->ring.n, best = self->best;
+    Ring *ring = &self->base.ring;
+    if (ring_add(ring, value) < 0) return NULL;
+    double level = ring->sum / (double)ring->n, best = self->best;
     if (level < best - self->tolerance * fabs(best) || isinf(best)) {
         self->best = level;
         self->since = 0;
@@ -303,7 +289,7 @@ static PyType_Slot plateau_slots[] = {
     {Py_tp_doc, "PlateauDetector(patience=1000, tolerance=0.01, smoothing=50): the C twin of "
                 "otel_ml.detectors.PyPlateauDetector."},
     {Py_tp_new, plateau_new},
-    {Py_tp_dealloc, plateau_dealloc},
+    {Py_tp_dealloc, stats_dealloc},
     {Py_tp_methods, plateau_methods},
     {Py_tp_members, plateau_members},
     {0, NULL},
@@ -312,8 +298,7 @@ static PyType_Slot plateau_slots[] = {
 /* ------------------------------------------------------------------ ExplosionDetector */
 
 typedef struct {
-    PyObject_HEAD
-    Ring ring;
+    Stats base; /* first: its window, which stats_dealloc frees */
     double factor, maximum;
     Py_ssize_t warmup;
 } Explosion;
@@ -327,27 +312,20 @@ static PyObject *explosion_new(PyTypeObject *type, PyObject *args, PyObject *kwa
         return NULL;
     Explosion *self = (Explosion *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    ring_init(&self->ring, window);
+    ring_init(&self->base.ring, window);
     self->factor = factor;
     self->maximum = maximum;
     self->warmup = warmup;
     return (PyObject *)self;
 }
 
-static void explosion_dealloc(Explosion *self) {
-    PyTypeObject *tp = Py_TYPE(self);
-    PyMem_Free(self->ring.values);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static PyObject *explosion_observe(Explosion *self, PyObject *arg) {
     double value;
     if (as_double(arg, &value) < 0) return NULL;
     if (self->maximum > 0 && value > self->maximum) Py_RETURN_TRUE;
-    if (self->factor > 0 && self->ring.n >= self->warmup && value > self->factor * ring_mean(&self->ring))
-        Py_RETURN_TRUE;
-    if (ring_add(&self->ring, value) < 0) return NULL;
+    Ring *ring = &self->base.ring;
+    if (self->factor > 0 && ring->n >= self->warmup && value > self->factor * ring_mean(ring)) Py_RETURN_TRUE;
+    if (ring_add(ring, value) < 0) return NULL;
     Py_RETURN_FALSE;
 }
 
@@ -367,7 +345,7 @@ static PyType_Slot explosion_slots[] = {
     {Py_tp_doc, "ExplosionDetector(factor=10.0, maximum=0.0, window=100, warmup=20): the C twin of "
                 "otel_ml.detectors.PyExplosionDetector."},
     {Py_tp_new, explosion_new},
-    {Py_tp_dealloc, explosion_dealloc},
+    {Py_tp_dealloc, stats_dealloc},
     {Py_tp_methods, explosion_methods},
     {Py_tp_members, explosion_members},
     {0, NULL},
