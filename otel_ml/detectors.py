@@ -21,7 +21,7 @@ import math
 from collections import deque
 from typing import Any
 
-from otel_ml._cbuild import pure_python, require_c, stale_build
+from otel_ml._cbuild import extension, stale_build
 
 
 class PyRollingStats:
@@ -179,15 +179,10 @@ DETECTORS = 1
 
 
 def _load_c() -> Any:
-    """The C twins, unless disabled (``OTEL_ML_PURE_PYTHON=1``), missing, or a stale build (then a
-    warning, or ImportError under ``OTEL_ML_REQUIRE_C=1``, as for the C regions)."""
-    if pure_python():
-        return None
-    try:
-        from otel_ml import _cdetectors
-    except ImportError:
-        if require_c():
-            raise
+    """The C twins, unless disabled (``OTEL_ML_PURE_PYTHON=1``), not built or a stale build (see
+    :mod:`otel_ml._cbuild`: a warning, or ImportError under ``OTEL_ML_REQUIRE_C=1``)."""
+    _cdetectors = extension("otel_ml._cdetectors")
+    if _cdetectors is None:
         return None
     version = getattr(_cdetectors, "DETECTORS", None)
     if version == DETECTORS:

@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from otel_ml._cbuild import pure_python, stale_build
+from otel_ml._cbuild import extension, stale_build
 from otel_ml.regions.pathtree import PathNode, PathTree, split
 
 #: The slots of a region record, in order. A record is a list (the cheapest mutable record):
@@ -87,11 +87,8 @@ def layout_mismatch(module: Any) -> str | None:
 
 def _load_c() -> Any:
     """The C hot path, unless disabled, missing or built with another record layout."""
-    if pure_python():
-        return None
-    try:
-        from otel_ml.regions import _cregion as module
-    except ImportError:
+    module = extension("otel_ml.regions._cregion")
+    if module is None:
         return None
     problem = layout_mismatch(module)
     if problem is None:
