@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import statistics
 import types
@@ -14,7 +13,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 
 import otel_ml
-from otel_ml import detectors
+from otel_ml import _cbuild, detectors
 from otel_ml.anomaly import TYPES, AnomalyConfig, AnomalyError, AnomalyMonitor
 from otel_ml.collection import Collection, PullReader
 from otel_ml.config import Config
@@ -191,7 +190,7 @@ def test_a_stale_c_detectors_build_fails_loudly_under_require_c_and_falls_back_o
 
 
 def test_the_c_detectors_are_built_and_used_where_ci_requires_it():
-    if os.environ.get("OTEL_ML_REQUIRE_C", "") in ("", "0"):
+    if not _cbuild.require_c():
         pytest.skip("OTEL_ML_REQUIRE_C is not set (.ci/run sets it)")
     assert detectors.DETECTORS_C is not None, "otel_ml/_cdetectors.c was not built"
     monitor = AnomalyMonitor(AnomalyConfig(), rank=0, run_id="r")
